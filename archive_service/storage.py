@@ -1,0 +1,210 @@
+"""Where archive bytes live: one small interface with POSIX-style primitives, and backends.
+
+A writer gets an ``Upload``, writes into it, then either ``commit()``s (the file
+appears under its id atomically, and only if no file is there yet) or ``abort()``s
+(nothing appears). The archive's domain code hashes and verifies between the two,
+so a file that fails verification is never visible. The S3 backend (multipart
+upload, conditional complete) fits behind the same interface.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
+
+from common.settings import Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("posix",)
+
+
+class AlreadyExists(Exception):
+    """``Upload.commit``: a file is already stored under this id; nothing was replaced."""
+
+    def __init__(self, file_id: int):
+        super().__init__(f"a file is already stored under id {file_id}")
+        self.file_id = file_id
+
+
+class StoredStat(NamedTuple):
+    size: int
+    mtime: float  # seconds since the epoch, as the backend records it
+
+
+class Upload(abc.ABC):
+    """One file being written. Use as a context manager: leaving it uncommitted aborts."""
+
+    def __init__(self, file_id: int):
+        self.file_id = file_id
+        self.bytes_written = 0
+        self.finished = False
+
+    @abc.abstractmethod
+    def write(self, data: bytes) -> None:
+        """Append ``data``; nothing is visible under the id until ``commit``."""
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Publish atomically under the id; raises ``AlreadyExists`` (and cleans up) if one is there."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Discard everything written; safe to call more than once and after ``commit``."""
+
+    def __enter__(self) -> "Upload":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if not self.finished:
+            self.abort()
+
+
+class Storage(abc.ABC):
+    """File bytes by integer id, write-once."""
+
+    @abc.abstractmethod
+    def begin_write(self, file_id: int) -> Upload:
+        """Start writing the file for ``file_id``."""
+
+    @abc.abstractmethod
+    def open_read(self, file_id: int) -> BinaryIO:
+        """A seekable binary stream of the stored bytes; ``FileNotFoundError`` when absent."""
+
+    @abc.abstractmethod
+    def stat(self, file_id: int) -> StoredStat | None:
+        """Size and modification time of the stored file, or None when absent."""
+
+    @abc.abstractmethod
+    def delete(self, file_id: int) -> bool:
+        """Remove the stored file; False when there was none."""
+
+
+def check_id(file_id: int) -> int:
+    """Backends only ever see non-negative ints, so an id can never name a path outside the root."""
+    if isinstance(file_id, bool) or not isinstance(file_id, int) or file_id < 0:
+        raise ValueError(f"file id must be a non-negative int, not {file_id!r}")
+    return file_id
+
+
+class PosixUpload(Upload):
+    """A temporary file under ``root/.incoming/``, hard-linked into place on commit."""
+
+    def __init__(self, storage: "PosixStorage", file_id: int):
+        super().__init__(file_id)
+        self._storage = storage
+        fd, name = tempfile.mkstemp(prefix=f"{file_id}.", suffix=".part", dir=storage.incoming)
+        self._tmp_path = Path(name)
+        self._handle = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        if self.finished:
+            raise ValueError("upload already finished")
+        self._handle.write(data)
+        self.bytes_written += len(data)
+
+    def commit(self) -> None:
+        if self.finished:
+            raise ValueError("upload already finished")
+        final = self._storage.path_for(self.file_id)
+        try:
+            self._handle.flush()
+            # The bytes must be on disk before the name is: after a crash a published
+            # file is either complete or absent, never a truncated copy.
+            os.fsync(self._handle.fileno())
+            # Stored files never change (write-once); read-only says so to anyone with a shell.
+            os.fchmod(self._handle.fileno(), 0o440)
+            self._handle.close()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # link() is atomic and refuses an existing target, so of two writers of one id
+            # exactly one wins; rename() would silently replace the other's file.
+            os.link(self._tmp_path, final)
+        except FileExistsError:
+            self.abort()
+            raise AlreadyExists(self.file_id) from None
+        except BaseException:
+            self.abort()
+            raise
+        self.finished = True
+        self._unlink_tmp()
+        _fsync_dir(final.parent)
+
+    def abort(self) -> None:
+        self.finished = True
+        if not self._handle.closed:
+            try:
+                self._handle.close()
+            except OSError:
+                logger.debug("closing %s failed", self._tmp_path, exc_info=True)
+        self._unlink_tmp()
+
+    def _unlink_tmp(self) -> None:
+        try:
+            self._tmp_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class PosixStorage(Storage):
+    """Files under ``root/<id % 256 as 2 hex digits>/<id>``; writes staged in ``root/.incoming``.
+
+    The staging directory sits inside the root so the publishing hard link never
+    crosses a filesystem.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.incoming = self.root / ".incoming"
+
+    def path_for(self, file_id: int) -> Path:
+        file_id = check_id(file_id)
+        # 256 shards keep directories small enough for any filesystem at millions of files.
+        return self.root / f"{file_id % 256:02x}" / str(file_id)
+
+    def begin_write(self, file_id: int) -> Upload:
+        check_id(file_id)
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        return PosixUpload(self, file_id)
+
+    def open_read(self, file_id: int) -> BinaryIO:
+        return open(self.path_for(file_id), "rb")
+
+    def stat(self, file_id: int) -> StoredStat | None:
+        try:
+            st = os.stat(self.path_for(file_id))
+        except FileNotFoundError:
+            return None
+        return StoredStat(st.st_size, st.st_mtime)
+
+    def delete(self, file_id: int) -> bool:
+        try:
+            os.unlink(self.path_for(file_id))
+        except FileNotFoundError:
+            return False
+        return True
+
+
+def _fsync_dir(path: Path) -> None:
+    # The new directory entry is only durable once the directory itself is synced.
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        logger.debug("cannot open %s to sync it", path, exc_info=True)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        logger.debug("syncing %s failed", path, exc_info=True)
+    finally:
+        os.close(fd)
+
+
+def make_storage(settings: Settings) -> Storage:
+    """The backend named by ``[archive] backend``; ``SettingsError`` for an unknown one."""
+    backend = settings.get("archive", "backend", "posix").strip().lower()
+    if backend == "posix":
+        return PosixStorage(settings.path("archive", "root"))
+    raise SettingsError(f"[archive] backend must be one of {', '.join(BACKENDS)}, not {backend!r}")

@@ -1,0 +1,1 @@
+"""Pieces every labvault service shares: settings, database, errors, HTTP, Celery, bundles."""

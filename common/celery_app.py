@@ -1,0 +1,120 @@
+"""The suite's one Celery app, built from settings; tasks are plain functions.
+
+A domain package marks a function with ``@task("ingest.process_job", queue="ingest")``;
+the function takes the settings first and ids after, so tests call it directly.
+``make_celery(settings)`` builds the app and registers every marked function as a
+Celery task that passes the app's settings in. Creating the app connects to nothing.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from common.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+QUEUES = ("ingest", "archive", "stats")
+# Modules whose @task functions make up the suite's tasks.
+TASK_MODULES = ("ingest_service.tasks", "stats_service.tasks")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    queue: str
+    func: Callable
+    options: dict
+
+
+_REGISTRY: dict[str, TaskSpec] = {}
+
+
+def task(name: str, queue: str, **options) -> Callable[[Callable], Callable]:
+    """Mark ``func(settings, *ids)`` as the Celery task ``name`` routed to ``queue``."""
+    if queue not in QUEUES:
+        raise ValueError(f"unknown queue {queue!r}")
+
+    def mark(func: Callable) -> Callable:
+        _REGISTRY[name] = TaskSpec(name, queue, func, options)
+        func.task_name = name
+        return func
+    return mark
+
+
+def celery_config(settings: Settings) -> dict:
+    broker_url = settings.get("celery", "broker_url")
+    config = {
+        "broker_url": broker_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        # A task is acknowledged only after it finished, so a worker lost mid-task
+        # leaves the message to be redelivered; tasks are written to run twice safely.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": "ingest",
+        "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q, durable=True) for q in QUEUES],
+        "task_create_missing_queues": False,
+        "worker_hijack_root_logger": False,
+        "broker_connection_retry_on_startup": True,
+        "enable_utc": True,
+    }
+    if broker_url.startswith("filesystem"):
+        folder = settings.path("celery", "broker_dir")
+        for sub in ("out", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        config["broker_transport_options"] = {
+            # One folder carries every queue: producers write where consumers read.
+            "data_folder_in": str(folder / "out"),
+            "data_folder_out": str(folder / "out"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": settings.getfloat("celery", "polling_interval"),
+        }
+    return config
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The Celery app for these settings, with every suite task registered."""
+    app = Celery("labvault", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    app.labvault_settings = settings
+    for module in TASK_MODULES:
+        importlib.import_module(module)
+    routes = {}
+    for spec in _REGISTRY.values():
+        app.task(name=spec.name, bind=True, **spec.options)(_adapter(spec.func))
+        routes[spec.name] = {"queue": spec.queue, "routing_key": spec.queue}
+    app.conf.task_routes = routes
+    return app
+
+
+def _adapter(func: Callable) -> Callable:
+    def run(self, *args, **kwargs):
+        return func(self.app.labvault_settings, *args, **kwargs)
+    run.__name__ = func.__name__
+    run.__doc__ = func.__doc__
+    return run
+
+
+def enqueue(app: Celery, name: str, *args) -> None:
+    """Send task ``name`` with id arguments; call only after the database commit."""
+    spec = _REGISTRY.get(name)
+    queue = spec.queue if spec else name.split(".", 1)[0]
+    app.send_task(name, args=list(args), queue=queue, routing_key=queue)
+
+
+def broker_folder(settings: Settings) -> Path | None:
+    if settings.get("celery", "broker_url").startswith("filesystem"):
+        return settings.path("celery", "broker_dir")
+    return None

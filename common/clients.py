@@ -1,0 +1,171 @@
+"""One typed HTTP client per service, on a shared ``requests.Session``.
+
+Every call has an explicit timeout. Connection errors, timeouts and 5xx answers
+are retried with exponential backoff; when retries run out the call raises
+``ServiceUnavailable`` with the code ``<service>_unavailable``. A 4xx answer raises
+``LabvaultError`` carrying the service's own ``code`` and status, so callers branch
+on codes, never on message text.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, BinaryIO, Callable, Iterable
+from urllib.parse import quote
+
+import requests
+
+from common.errors import LabvaultError, ServiceUnavailable
+from common.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def make_session(pool_size: int = 16) -> requests.Session:
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size,
+                                            max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class ServiceClient:
+    """Base for the per-service clients: base URL, timeouts, retries, error mapping."""
+
+    service = ""
+
+    def __init__(self, settings: Settings, session: requests.Session | None = None,
+                 base_url: str | None = None):
+        self.base_url = (base_url or settings.service_url(self.service)).rstrip("/")
+        self.timeout = (settings.getfloat("http", "connect_timeout"), settings.getfloat("http", "read_timeout"))
+        self.retries = settings.getint("http", "retries")
+        self.backoff = settings.getfloat("http", "backoff")
+        self.session = session or make_session()
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    def request(self, method: str, path: str, *, body_factory: Callable[[], Any] | None = None,
+                retries: int | None = None, **kwargs) -> requests.Response:
+        """Send a request; retry transport errors and 5xx; raise on any error status.
+
+        ``body_factory`` makes a fresh body for each attempt (streams cannot be resent).
+        """
+        kwargs.setdefault("timeout", self.timeout)
+        attempts = 1 + (self.retries if retries is None else retries)
+        last_problem = ""
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.backoff * (2 ** (attempt - 1)))
+            if body_factory is not None:
+                kwargs["data"] = body_factory()
+            try:
+                response = self.session.request(method, self.url(path), **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                last_problem = f"cannot reach the {self.service} service at {self.base_url} ({type(exc).__name__})"
+                logger.warning("%s %s: %s (attempt %d of %d)", method, path, last_problem, attempt + 1, attempts)
+                continue
+            if response.status_code >= 500:
+                error = _error_from(response)
+                last_problem = f"the {self.service} service answered {response.status_code}: {error.message}"
+                logger.warning("%s %s: %s (attempt %d of %d)", method, path, last_problem, attempt + 1, attempts)
+                continue
+            if response.status_code >= 400:
+                raise _error_from(response)
+            return response
+        raise ServiceUnavailable(last_problem, code=f"{self.service}_unavailable")
+
+    def health(self) -> dict:
+        return self.request("GET", "/", retries=0).json()
+
+
+def _error_from(response: requests.Response) -> LabvaultError:
+    code, message = f"http_{response.status_code}", response.reason or "error"
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            code = str(body.get("code") or code)
+            message = str(body.get("message") or message)
+    except ValueError:
+        pass
+    return LabvaultError(message, code=code, status=response.status_code)
+
+
+class MetadataClient(ServiceClient):
+    service = "metadata"
+
+    def getid(self, mode: str, count: int = 1) -> int:
+        """Reserve ``count`` consecutive ids of ``mode``; returns the first."""
+        answer = self.request("GET", "/getid", params={"range": count, "mode": mode}).json()
+        return int(answer["startIndex"])
+
+    def ingest(self, document: list[dict]) -> dict:
+        return self.request("PUT", "/ingest", json=document).json()
+
+    def query(self, objects: str, **filters) -> list[dict]:
+        return self.request("GET", f"/{objects}", params=filters).json()
+
+    def first(self, objects: str, **filters) -> dict | None:
+        rows = self.query(objects, **filters)
+        return rows[0] if rows else None
+
+
+class PolicyClient(ServiceClient):
+    service = "policy"
+
+    def check_ingest(self, document: list[dict]) -> None:
+        """Raises ``policy_denied`` (412) when the upload is not allowed."""
+        self.request("POST", "/ingest", json=document)
+
+
+class ArchiveClient(ServiceClient):
+    service = "archive"
+
+    def put(self, file_id: int, open_stream: Callable[[], BinaryIO | Iterable[bytes]],
+            hashtype: str | None = None, hashsum: str | None = None) -> dict:
+        """Stream a file in; the archive verifies ``hashsum`` before the file becomes visible."""
+        params = {}
+        if hashtype and hashsum:
+            params = {"hashtype": hashtype, "hashsum": hashsum}
+        response = self.request("PUT", f"/{int(file_id)}", body_factory=open_stream, params=params,
+                                headers={"Content-Type": "application/octet-stream"})
+        return response.json()
+
+    def patch(self, file_id: int, path: str, hashtype: str | None = None, hashsum: str | None = None) -> dict:
+        body = {"path": path}
+        if hashtype and hashsum:
+            body.update(hashtype=hashtype, hashsum=hashsum)
+        return self.request("PATCH", f"/{int(file_id)}", json=body).json()
+
+    def head(self, file_id: int) -> dict[str, str] | None:
+        try:
+            return dict(self.request("HEAD", f"/{int(file_id)}").headers)
+        except LabvaultError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def get(self, file_id: int) -> requests.Response:
+        return self.request("GET", f"/{int(file_id)}", stream=True)
+
+    def delete(self, file_id: int) -> bool:
+        """Remove a file; False if it was not there."""
+        try:
+            self.request("DELETE", f"/{int(file_id)}")
+            return True
+        except LabvaultError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+
+class IngestClient(ServiceClient):
+    service = "ingest"
+
+    def upload(self, open_stream: Callable[[], BinaryIO], path: str = "/ingest") -> dict:
+        return self.request("POST", path, body_factory=open_stream, retries=0,
+                            headers={"Content-Type": "application/octet-stream"}).json()
+
+    def get_state(self, job_id: int) -> dict:
+        return self.request("GET", f"/get_state/{quote(str(job_id))}").json()

@@ -1,0 +1,78 @@
+"""Domain errors: each carries its HTTP status and a machine code.
+
+Domain code raises these; one place per service (``common.web``) turns them into
+``{"status": "...", "code": "...", "message": "..."}``. Callers branch on ``code``,
+never on the message text.
+"""
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class LabvaultError(Exception):
+    """Base of every error labvault reports to a client or records on a job."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        # One line only: the message ends up in a job's `exception` and in JSON bodies.
+        super().__init__(" ".join(str(message).split()))
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+    def as_exception_text(self) -> str:
+        """The job table's `exception` form: ``code: message``."""
+        return f"{self.code}: {self.message}"
+
+    def to_dict(self) -> dict:
+        return {"status": status_line(self.status), "code": self.code, "message": self.message}
+
+
+class BadRequest(LabvaultError):
+    status, code = 400, "bad_request"
+
+
+class NotFound(LabvaultError):
+    status, code = 404, "not_found"
+
+
+class Conflict(LabvaultError):
+    status, code = 409, "conflict"
+
+
+class PreconditionFailed(LabvaultError):
+    status, code = 412, "precondition_failed"
+
+
+class PayloadTooLarge(LabvaultError):
+    status, code = 413, "payload_too_large"
+
+
+class ServiceUnavailable(LabvaultError):
+    status, code = 503, "service_unavailable"
+
+
+class SchemaMismatch(LabvaultError):
+    status, code = 503, "schema_mismatch"
+
+
+def status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
+
+
+def code_for_status(status: int) -> str:
+    """Machine code for an HTTP error raised outside our domain code (routing, server limits)."""
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "error"

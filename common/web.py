@@ -1,0 +1,222 @@
+"""CherryPy plumbing shared by the five services: JSON in and out, one error shape,
+a database connection per request, and serving (built-in server or uWSGI).
+
+Handlers stay small: decode with ``read_json``, call the domain, return ``json_body``.
+Errors raised anywhere in a request end up in ``handle_error``, the one place that
+turns them into ``{"status", "code", "message"}``; tracebacks go to the log only.
+"""
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+import logging
+import sys
+import uuid
+
+import cherrypy
+
+from common.db import close_quietly
+from common.errors import BadRequest, LabvaultError, code_for_status, status_line
+from common.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_JSON_LIMIT = 64 * 1024 * 1024
+
+
+def _encode_default(value):
+    if isinstance(value, datetime.datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def dumps(value) -> str:
+    return json.dumps(value, default=_encode_default, ensure_ascii=False)
+
+
+def json_body(value, status: int = 200) -> bytes:
+    """Set the JSON content type (and status) and return the encoded body."""
+    response = cherrypy.serving.response
+    response.status = status
+    response.headers["Content-Type"] = "application/json"
+    return dumps(value).encode("utf-8")
+
+
+def read_json(limit: int = DEFAULT_JSON_LIMIT):
+    """The request body decoded as JSON; ``invalid_json`` (400) or ``payload_too_large`` (413)."""
+    request = cherrypy.serving.request
+    length = request.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > limit:
+        raise LabvaultError(f"JSON body larger than {limit} bytes", code="payload_too_large", status=413)
+    raw = request.body.read(limit + 1) if request.body else b""
+    if len(raw) > limit:
+        raise LabvaultError(f"JSON body larger than {limit} bytes", code="payload_too_large", status=413)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def drain(rfile) -> None:
+    """Consume what is left of a request body in chunks.
+
+    Left to the HTTP server, an unread body is read in one piece, i.e. into memory.
+    """
+    try:
+        while rfile.read(1024 * 1024):
+            pass
+    except Exception:  # noqa: BLE001 - the client went away; nothing left to protect
+        logger.debug("draining a request body failed", exc_info=True)
+
+
+def int_param(name: str, value) -> int:
+    """An integer request parameter, or 400 ``invalid_<name>``."""
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be an integer, not {str(value)[:40]!r}", code=f"invalid_{name}") from None
+
+
+def _error_response(status: int, body: dict) -> None:
+    response = cherrypy.serving.response
+    response.status = status
+    response.headers["Content-Type"] = "application/json"
+    response.headers.pop("Content-Length", None)
+    response.body = dumps(body).encode("utf-8")
+
+
+def handle_error() -> None:
+    """``request.error_response``: any exception a handler let escape becomes JSON."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, LabvaultError):
+        if exc.status >= 500:
+            logger.warning("%s %s: %s", cherrypy.request.method, cherrypy.request.path_info,
+                           exc.as_exception_text())
+        _error_response(exc.status, exc.to_dict())
+        return
+    logger.error("unhandled error in %s %s", cherrypy.request.method, cherrypy.request.path_info,
+                 exc_info=True)
+    _error_response(500, {"status": status_line(500), "code": "internal_error",
+                          "message": "internal error; the service log has the details"})
+
+
+def error_page(status, message, traceback, version) -> str:
+    """``error_page.default``: CherryPy's own errors (404 route, 405, 413...) as JSON."""
+    code = int(str(status).split()[0])
+    # CherryPy's messages for routing errors name the path only; never the traceback.
+    text = str(message or "").splitlines()[0] if message else status_line(code)
+    cherrypy.serving.response.headers["Content-Type"] = "application/json"
+    return dumps({"status": status_line(code), "code": code_for_status(code), "message": text})
+
+
+class DatabaseTool(cherrypy.Tool):
+    """Open the service's database connection for a request and give it back afterwards.
+
+    With SQLite that is a cheap file open; with a pooled PostgreSQL URL
+    (postgresql+pool://) it borrows from the pool. Never shared across processes:
+    each process opens its own on its first request.
+    """
+
+    def __init__(self):
+        super().__init__("on_start_resource", self._open, priority=20)
+
+    def _setup(self):
+        super()._setup()
+        cherrypy.serving.request.hooks.attach("on_end_request", self._close, priority=80)
+
+    @staticmethod
+    def _open(db=None):
+        if db is not None:
+            db.connect(reuse_if_open=True)
+            cherrypy.serving.request.labvault_db = db
+
+    @staticmethod
+    def _close():
+        db = getattr(cherrypy.serving.request, "labvault_db", None)
+        if db is not None:
+            close_quietly(db)
+
+
+cherrypy.tools.labvault_db = DatabaseTool()
+
+
+def make_application(root, db=None, extra: dict | None = None) -> cherrypy.Application:
+    """A CherryPy application for ``root`` with the config every service shares."""
+    return cherrypy.Application(root, "", app_config(db, extra))
+
+
+def app_config(db=None, extra: dict | None = None) -> dict:
+    """Per-application CherryPy config every service shares (MethodDispatcher REST)."""
+    root = {
+        "request.dispatch": cherrypy.dispatch.MethodDispatcher(),
+        "request.show_tracebacks": False,
+        "request.error_response": handle_error,
+        "error_page.default": error_page,
+        "tools.encode.on": False,
+        "tools.trailing_slash.on": False,
+        # handle_error logs what needs a traceback; client errors are not worth one.
+        "tools.log_tracebacks.on": False,
+        "tools.log_headers.on": False,
+    }
+    if db is not None:
+        root.update({"tools.labvault_db.on": True, "tools.labvault_db.db": db})
+    config = {"/": root}
+    for path, values in (extra or {}).items():
+        config.setdefault(path, {}).update(values)
+    return config
+
+
+def global_config(settings: Settings, service: str, host: str | None = None, port: int | None = None) -> dict:
+    return {
+        "server.socket_host": host or settings.get(service, "host"),
+        "server.socket_port": int(port or settings.getint(service, "port")),
+        "server.thread_pool": 16,
+        "server.socket_timeout": 60,
+        # Body limits are enforced by the handlers so they can answer JSON.
+        "server.max_request_body_size": 0,
+        "engine.autoreload.on": False,
+        "checker.on": False,
+        "log.screen": False,
+        "request.show_tracebacks": False,
+        "error_page.default": error_page,
+    }
+
+
+def serve(application: cherrypy.Application, settings: Settings, service: str,
+          host: str | None = None, port: int | None = None) -> None:
+    """Run one service on CherryPy's own server until SIGTERM/SIGINT."""
+    cherrypy.config.update(global_config(settings, service, host, port))
+    cherrypy.tree.mount(application, "")
+    cherrypy.engine.signals.subscribe()
+    cherrypy.engine.start()
+    logger.info("%s service listening on http://%s:%s", service,
+                cherrypy.server.socket_host, cherrypy.server.socket_port)
+    cherrypy.engine.block()
+
+
+def wsgi_application(application: cherrypy.Application) -> cherrypy.Application:
+    """Prepare an application for uWSGI: no built-in server, no autoreload, engine started."""
+    cherrypy.config.update({"engine.autoreload.on": False, "checker.on": False,
+                            "log.screen": False, "request.show_tracebacks": False,
+                            "error_page.default": error_page})
+    cherrypy.server.unsubscribe()
+    cherrypy.engine.start()
+    return application
+
+
+class HealthMixin:
+    """``GET /``: the Pacifica-style "... Up and Running" answer."""
+
+    service_title = "labvault"
+
+    def GET(self):  # noqa: N802 - CherryPy MethodDispatcher verb
+        return json_body({"message": f"{self.service_title} Up and Running"})

@@ -1,0 +1,264 @@
+"""The ingest pipeline: run one job through its steps, recording each on the job row.
+
+Upload jobs: open tar -> load metadata -> Policy Validation -> ingest files ->
+ingest metadata. Move jobs: load metadata -> Policy Validation -> move files ->
+ingest metadata. One Celery task runs a whole job: the steps share the open tar
+and its member index, and the job row, not the broker, is the checkpoint.
+
+A job is safe to run twice: a finished job is left alone, file ids are reserved
+once and kept on the job row, the archive is write-once by id (same bytes again
+is a no-op) and the metadata transaction is only inserted if it is not there.
+
+A failed step records FAILED with that step's label and ``code: message``,
+deletes the archive files the job wrote and the staged bundle, and raises
+``JobFailed`` so the task fails too. Nothing here imports CherryPy or Celery.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import bundles
+from common.bundles import BundleError, Manifest
+from common.clients import ArchiveClient, MetadataClient, PolicyClient, make_session
+from common.errors import LabvaultError
+from common.hashing import HashingReader
+from common.settings import Settings
+from ingest_service import jobs
+from ingest_service.models import Job
+from ingest_service.staging import Staging
+
+logger = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    """A job ended FAILED; the job row says where and why (plain args so Celery can pickle it)."""
+
+    def __init__(self, job_id: int, step: str, exception_text: str):
+        super().__init__(job_id, step, exception_text)
+        self.job_id, self.step, self.exception_text = job_id, step, exception_text
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} failed at {self.step!r}: {self.exception_text}"
+
+
+class _StepFailed(Exception):
+    def __init__(self, step: str, error: LabvaultError):
+        super().__init__(step)
+        self.step, self.error = step, error
+
+
+@dataclass
+class IngestContext:
+    """What a job needs from the outside, built once per process from settings."""
+
+    settings: Settings
+    metadata: MetadataClient
+    policy: PolicyClient
+    archive: ArchiveClient
+    staging: Staging
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "IngestContext":
+        session = make_session()
+        return cls(settings,
+                   MetadataClient(settings, session),
+                   PolicyClient(settings, session),
+                   ArchiveClient(settings, session),
+                   Staging(settings.path("ingest", "staging_dir")))
+
+
+def process_job(context: IngestContext, job_id: int) -> str:
+    """Run job ``job_id`` to its end; returns its final state or raises ``JobFailed``."""
+    job = Job.get_or_none(Job.job_id == job_id)
+    if job is None:
+        logger.warning("job %s: no such job, nothing to do", job_id)
+        return "missing"
+    if jobs.is_complete(job):
+        logger.info("job %s: already %s, nothing to do", job_id, job.state)
+        return job.state
+    jobs.update(job_id, attempts=job.attempts + 1)
+    return JobRun(context, job).run()
+
+
+class JobRun:
+    def __init__(self, context: IngestContext, job: Job):
+        self.context = context
+        self.job = job
+        self.job_id = int(job.job_id)
+        self.settings = context.settings
+        self.tar: tarfile.TarFile | None = None
+        self._last_progress = 0.0
+        self.progress_interval = self.settings.getfloat("ingest", "progress_interval")
+
+    def run(self) -> str:
+        try:
+            if self.job.kind == "move":
+                manifest = self._load_move_document()
+                self._check_policy(manifest)
+                self._move_files(manifest)
+            else:
+                manifest = self._open_bundle()
+                self._check_policy(manifest)
+                self._ingest_files(manifest)
+            self._ingest_metadata(manifest)
+        except _StepFailed as failure:
+            self._fail(failure.step, failure.error)
+            raise JobFailed(self.job_id, failure.step, failure.error.as_exception_text()) from None
+        finally:
+            if self.tar is not None:
+                self.tar.close()
+        jobs.set_state(self.job_id, jobs.OK, jobs.INGEST_METADATA, 100)
+        self.context.staging.discard(self.job_id)
+        logger.info("job %s: ingested", self.job_id)
+        return jobs.OK
+
+    # -- steps --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def step(self, label: str):
+        """Record ``label`` at 0% and turn any error inside into a failure of this step."""
+        jobs.set_state(self.job_id, jobs.OK, label, 0)
+        try:
+            yield
+        except LabvaultError as error:
+            raise _StepFailed(label, error) from None
+        except Exception:  # noqa: BLE001 - every failure must end the job, not hang it
+            logger.exception("job %s: unexpected error at %r", self.job_id, label)
+            raise _StepFailed(label, LabvaultError("unexpected error; the worker log has the details")) from None
+
+    def _open_bundle(self) -> Manifest:
+        path = self.context.staging.bundle_path(self.job_id)
+        with self.step(jobs.OPEN_TAR):
+            if not path.is_file():
+                raise BundleError("the staged bundle is gone", code="bundle_missing")
+            self.tar, members = bundles.read_index(path)
+        with self.step(jobs.LOAD_METADATA):
+            self.index = bundles.classify(members)
+            document = bundles.read_metadata(self.tar, self.index.metadata,
+                                             self.settings.getint("ingest", "max_metadata_bytes"))
+            return bundles.parse_manifest(document)
+
+    def _load_move_document(self) -> Manifest:
+        path = self.context.staging.document_path(self.job_id)
+        with self.step(jobs.LOAD_METADATA):
+            if not path.is_file():
+                raise BundleError("the staged move document is gone", code="bundle_missing")
+            document = bundles.decode_metadata(path.read_bytes())
+            return bundles.parse_manifest(document, with_source=True)
+
+    def _check_policy(self, manifest: Manifest) -> None:
+        with self.step(jobs.POLICY):
+            self.context.policy.check_ingest(manifest.document)
+
+    def _ingest_files(self, manifest: Manifest) -> None:
+        with self.step(jobs.INGEST_FILES):
+            pairs = bundles.match_payload(manifest, self.index,
+                                          self.settings.getbool("ingest", "reject_undeclared"))
+            self._store_all(manifest, [(declared, self._member_opener(member)) for declared, member in pairs])
+
+    def _move_files(self, manifest: Manifest) -> None:
+        with self.step(jobs.MOVE_FILES):
+            openers = []
+            for declared in manifest.files:
+                source = Path(declared.source)
+                try:
+                    size = source.stat().st_size
+                except OSError:
+                    raise BundleError(f"source of data/{declared.key[:200]} is missing", code="file_missing") from None
+                if size != declared.size:
+                    raise BundleError(f"source of data/{declared.key[:200]} is {size} bytes, metadata says "
+                                      f"{declared.size}", code="size_mismatch")
+                openers.append((declared, lambda source=source: open(source, "rb")))
+            self._store_all(manifest, openers)
+
+    def _ingest_metadata(self, manifest: Manifest) -> None:
+        with self.step(jobs.INGEST_METADATA):
+            if self.context.metadata.first("transactions", _id=self.job_id):
+                logger.info("job %s: transaction already recorded (second run)", self.job_id)
+                return
+            self.context.metadata.ingest(self._metadata_document(manifest))
+
+    # -- helpers ------------------------------------------------------------
+
+    def _member_opener(self, member: tarfile.TarInfo):
+        return lambda: self.tar.extractfile(member)
+
+    def _file_ids(self, count: int) -> int:
+        """The first of ``count`` file ids for this job, reserved once and kept on the row."""
+        job = Job.get_by_id(self.job_id)
+        if job.file_id_start is not None and job.file_count == count:
+            return int(job.file_id_start)
+        start = self.context.metadata.getid("file", count) if count else 0
+        jobs.update(self.job_id, file_id_start=start, file_count=count)
+        return start
+
+    def _store_all(self, manifest: Manifest, openers: list) -> None:
+        """Stream every file into the archive with its expected hash; progress by bytes."""
+        start = self._file_ids(len(openers))
+        self.file_ids = {declared.position: start + n for n, (declared, _) in enumerate(openers)}
+        total = max(manifest.total_bytes, 1)
+        finished = 0
+        for declared, opener in openers:
+            sent = 0
+
+            def on_read(count: int) -> None:
+                nonlocal sent
+                sent += count
+                self._progress((finished + sent) / total)
+
+            def fresh_body(opener=opener, size=declared.size):
+                nonlocal sent
+                sent = 0  # a retry sends the file again from its start
+                return HashingReader(opener(), length=size, on_read=on_read)
+
+            file_id = self.file_ids[declared.position]
+            answer = self.context.archive.put(file_id, fresh_body, declared.hashtype, declared.hashsum)
+            if int(answer.get("total_bytes", -1)) != declared.size:
+                raise LabvaultError(f"archive stored {answer.get('total_bytes')} bytes of data/{declared.key[:200]}, "
+                                    f"expected {declared.size}", code="size_mismatch")
+            finished += declared.size
+        self._progress(1.0, force=True)
+
+    def _progress(self, fraction: float, force: bool = False) -> None:
+        """Record ``task_percent``, at most once per ``[ingest] progress_interval``."""
+        now = time.monotonic()
+        if not force and now - self._last_progress < self.progress_interval:
+            return
+        self._last_progress = now
+        jobs.update(self.job_id, task_percent=round(min(100.0, 100.0 * fraction), 3))
+
+    def _metadata_document(self, manifest: Manifest) -> list[dict]:
+        document = []
+        for position, entry in enumerate(manifest.document):
+            table = entry.get("destinationTable")
+            if table == "Transactions._id":
+                continue  # the job id is the transaction id, whatever the client said
+            if table == "Files":
+                entry = {k: v for k, v in entry.items() if k != "source"}
+                entry["_id"] = self.file_ids[position]
+            document.append(entry)
+        document.append({"destinationTable": "Transactions._id", "value": self.job_id})
+        return document
+
+    def _fail(self, step: str, error: LabvaultError) -> None:
+        logger.warning("job %s: FAILED at %r: %s", self.job_id, step, error.as_exception_text())
+        self._remove_archive_files()
+        self.context.staging.discard(self.job_id)
+        job = Job.get_by_id(self.job_id)
+        jobs.set_state(self.job_id, jobs.FAILED, step, job.task_percent, error.as_exception_text())
+
+    def _remove_archive_files(self) -> None:
+        job = Job.get_by_id(self.job_id)
+        if job.file_id_start is None:
+            return
+        for file_id in range(int(job.file_id_start), int(job.file_id_start) + job.file_count):
+            try:
+                self.context.archive.delete(file_id)
+            except LabvaultError as exc:
+                logger.error("job %s: could not remove archive file %s: %s", self.job_id, file_id,
+                             exc.as_exception_text())

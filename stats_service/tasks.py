@@ -1,0 +1,1 @@
+"""Celery adapters for the stats service (its tasks arrive with the stats issue)."""

@@ -1,0 +1,167 @@
+"""Builders and harnesses the tests share: settings, free ports, servers, bundles, polling."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import requests
+from cheroot import wsgi
+
+from common.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures" / "pacifica"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_settings(data_dir: Path, **sections) -> Settings:
+    """Settings for a test: everything under ``data_dir``, plus ``sections`` overrides."""
+    overrides = {"data": {"dir": str(data_dir)}}
+    for section, values in sections.items():
+        overrides.setdefault(section, {}).update(values)
+    return Settings.load(environ={}, overrides=overrides)
+
+
+@contextlib.contextmanager
+def serve_wsgi(application, port: int | None = None) -> Iterator[str]:
+    """Serve a WSGI application on a free loopback port in a thread; yields its base URL."""
+    port = port or free_port()
+    server = wsgi.Server(("127.0.0.1", port), application, numthreads=8)
+    server.prepare()
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        thread.join(timeout=10)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
+             message: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def load_json(path: Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def make_tar(members: list[tuple[str, bytes]], fmt=tarfile.PAX_FORMAT) -> bytes:
+    """An uncompressed tar (in memory) of regular files ``(name, content)`` in order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            info.mtime = 1_700_000_000
+            tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def fixture_bundle(metadata_file: str | Path, metadata_last: bool = False) -> bytes:
+    """A bundle of the Pacifica fixture payload with ``metadata_file`` as metadata.txt."""
+    metadata = Path(metadata_file)
+    if not metadata.is_absolute():
+        metadata = FIXTURES / "metadata-files" / metadata
+    members = [(str(p.relative_to(FIXTURES)), p.read_bytes())
+               for p in sorted((FIXTURES / "data").rglob("*")) if p.is_file()]
+    entry = ("metadata.txt", metadata.read_bytes())
+    return make_tar(members + [entry] if metadata_last else [entry] + members)
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """Environment for a child process that must see exactly ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABVAULT_")}
+    env.update(settings.as_environ())
+    return env
+
+
+class Stack:
+    """The whole suite started by ``labvault up`` on free ports under ``data_dir``."""
+
+    SERVICES = ("ingest", "metadata", "archive", "policy", "stats")
+
+    def __init__(self, data_dir: Path, **sections):
+        self.data_dir = Path(data_dir)
+        ports = {service: {"port": free_port()} for service in self.SERVICES}
+        merged = {"celery": {"polling_interval": "0.05"}, "ingest": {"progress_interval": "0.05"},
+                  "http": {"backoff": "0.1"}}
+        for section, values in list(ports.items()) + list(sections.items()):
+            merged.setdefault(section, {}).update(values)
+        self.settings = make_settings(self.data_dir, **merged)
+        self.process = None
+
+    def url(self, service: str) -> str:
+        return self.settings.service_url(service)
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> "subprocess.CompletedProcess":
+        result = subprocess.run([sys.executable, "-m", "common.cli", *args], env=env_for(self.settings),
+                                capture_output=True, text=True, timeout=timeout, cwd=self.data_dir)
+        if check and result.returncode != 0:
+            raise AssertionError(f"labvault {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def start(self, timeout: float = 90) -> "Stack":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.data_dir / "up.log", "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "common.cli", "up"], env=env_for(self.settings),
+                                        stdout=self.log, stderr=subprocess.STDOUT, cwd=self.data_dir)
+        wait_for(lambda: b"labvault: up" in (self.data_dir / "up.log").read_bytes() or self._died(),
+                 timeout=timeout, message="labvault up")
+        if self.process.poll() is not None:
+            raise AssertionError("labvault up exited:\n" + (self.data_dir / "up.log").read_text(errors="replace"))
+        return self
+
+    def _died(self) -> bool:
+        return self.process.poll() is not None
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def post(self, raw: bytes, path: str = "/ingest") -> dict:
+        response = requests.post(self.url("ingest") + path, data=raw,
+                                 headers={"Content-Type": "application/octet-stream"}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def state(self, job_id: int) -> dict:
+        return requests.get(self.url("ingest") + "/get_state", params={"job_id": job_id}, timeout=10).json()
+
+    def wait_job(self, job_id: int, timeout: float = 90) -> dict:
+        return wait_for(lambda: (lambda s: s if s.get("complete") else None)(self.state(job_id)),
+                        timeout=timeout, message=f"job {job_id} to finish")
+
+    def ingest(self, raw: bytes, timeout: float = 90) -> dict:
+        return self.wait_job(self.post(raw)["job_id"], timeout)
