@@ -34,7 +34,7 @@ class IngestService:
         job_id = self.metadata.getid("upload_job", 1)
         jobs.create(job_id, kind="upload")
         try:
-            self.staging.receive(job_id, read, self.max_bundle_bytes)
+            self.staging.receive(job_id, read, self.max_bundle_bytes, expected=length)
         except LabvaultError as exc:
             self._fail_upload(job_id, exc)
             raise

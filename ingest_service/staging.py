@@ -21,12 +21,13 @@ class Staging:
         return self.root / f"{int(job_id)}.json"
 
     def receive(self, job_id: int, read: Callable[[int], bytes], limit: int,
-                suffix: str = ".tar") -> int:
+                suffix: str = ".tar", expected: int | None = None) -> int:
         """Stream ``read`` into ``<job_id><suffix>`` in chunks; returns the byte count.
 
         The bytes land under a ``.part`` name and are renamed once complete, so a
         staged bundle is always whole. Over ``limit`` bytes raises 413 and removes
-        what was written; so does any error while reading.
+        what was written; so does any error while reading, or a body that ends
+        before its declared ``expected`` length (the client went away).
         """
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{int(job_id)}{suffix}"
@@ -42,6 +43,8 @@ class Staging:
                     if total > limit:
                         raise PayloadTooLarge(f"bundle larger than the limit of {limit} bytes")
                     handle.write(chunk)
+                if expected is not None and total != expected:
+                    raise UploadInterrupted(f"the upload stopped after {total} of {expected} bytes")
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(part, final)
