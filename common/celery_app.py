@@ -71,13 +71,15 @@ def celery_config(settings: Settings) -> dict:
     }
     if broker_url.startswith("filesystem"):
         folder = settings.path("celery", "broker_dir")
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         config["broker_transport_options"] = {
             # One folder carries every queue: producers write where consumers read.
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
+            # Exchange bindings; kombu's default is a folder in the working directory.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
             "polling_interval": settings.getfloat("celery", "polling_interval"),
         }

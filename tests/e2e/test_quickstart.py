@@ -10,7 +10,8 @@ from pathlib import Path
 import requests
 from pacifica.uploader import Uploader
 from pacifica.uploader.bundler import Bundler
-from pacifica.uploader.metadata import MetaData, MetaObj, PolicyQuery
+from pacifica.uploader.metadata import MetaData, MetaObj
+from pacifica.uploader.metadata.policyquery import PolicyQuery
 
 from tests.helpers import env_for, wait_for
 
@@ -65,14 +66,16 @@ def test_every_command_has_help():
         assert result.returncode == 0 and "usage: labvault" in result.stdout, command
 
 
-def test_real_pacifica_upload_client(stack, tmp_path):
+def test_real_pacifica_upload_client(stack, tmp_path, monkeypatch):
     """pacifica-uploader, unmodified: policy queries, bundling (metadata.txt last, PAX), /upload, /get_state."""
-    policy = {"uploader_url": stack.url("policy") + "/uploader", "ingest_url": stack.url("policy") + "/ingest"}
+    # The client finds its servers the way it always does: POLICY_* and INGEST_* variables.
+    monkeypatch.setenv("POLICY_PORT", str(stack.settings.getint("policy", "port")))
+    monkeypatch.setenv("INGEST_PORT", str(stack.settings.getint("ingest", "port")))
     projects = PolicyQuery(user="dmlb2001", from_table="projects", columns=["_id", "title"], where={},
                            **policy).get_results()
     assert "1234a" in [row["_id"] for row in projects]
     instruments = PolicyQuery(user=10, from_table="instruments", columns=["_id", "name"],
-                              where={"project_id": "1234a"}, **policy).get_results()
+                              where={"project_id": "1234a"}).get_results()
     assert [row["_id"] for row in instruments] == [54]
 
     metadata = MetaData([
@@ -82,7 +85,7 @@ def test_real_pacifica_upload_client(stack, tmp_path):
         MetaObj(destinationTable="Transactions.instrument", value=54, metaID="instrument"),
         MetaObj(destinationTable="TransactionKeyValue", key="Tag", value="pacifica-client", metaID="tag"),
     ])
-    assert PolicyQuery(user=10, **policy).valid_metadata(metadata)["status"] == "success"
+    assert PolicyQuery(user=10).valid_metadata(metadata)["status"] == "success"
     payload = {"data/scan 1/spectrum é.dat": os.urandom(50_000), "data/notes/日本.txt": "メモ".encode()}
     file_data = [{"name": name, "fileobj": io.BytesIO(raw), "size": len(raw), "mtime": 1_700_000_000}
                  for name, raw in payload.items()]
@@ -90,7 +93,7 @@ def test_real_pacifica_upload_client(stack, tmp_path):
     with open(bundle_path, "wb") as handle:
         Bundler(metadata, file_data).stream(handle)
 
-    uploader = Uploader(upload_url=stack.url("ingest") + "/upload", status_url=stack.url("ingest") + "/get_state")
+    uploader = Uploader()
     with open(bundle_path, "rb") as handle:
         job_id = uploader.upload(handle, content_length=bundle_path.stat().st_size)
     final = wait_for(lambda: (lambda s: s if s["complete"] else None)(uploader.getstate(job_id)),

@@ -1,0 +1,51 @@
+"""The policy service's CherryPy application: ``GET /``, ``POST /ingest``, ``POST /uploader``."""
+from __future__ import annotations
+
+import cherrypy
+
+from common.clients import MetadataClient
+from common.settings import Settings
+from common.web import HealthMixin, json_body, make_application, read_json
+from policy_service.policy import IngestPolicy
+from policy_service.uploader import UploaderQueries
+
+
+class IngestResource:
+    """``POST /ingest``: 200 when the metadata document may be uploaded, else 412 ``policy_denied``."""
+
+    exposed = True
+
+    def __init__(self, policy: IngestPolicy):
+        self.policy = policy
+
+    def POST(self, **_params):  # noqa: N802 - CherryPy MethodDispatcher verb
+        self.policy.check(read_json())
+        return json_body({"status": "success"})
+
+
+class UploaderResource:
+    """``POST /uploader``: the Pacifica upload-client query, answered as a JSON list."""
+
+    exposed = True
+
+    def __init__(self, queries: UploaderQueries):
+        self.queries = queries
+
+    def POST(self, **_params):  # noqa: N802 - CherryPy MethodDispatcher verb
+        return json_body(self.queries.answer(read_json()))
+
+
+class PolicyRoot(HealthMixin):
+    """``GET /``: health."""
+
+    exposed = True
+    service_title = "Policy"
+
+    def __init__(self, metadata: MetadataClient):
+        self.ingest = IngestResource(IngestPolicy(metadata))
+        self.uploader = UploaderResource(UploaderQueries(metadata))
+
+
+def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Application:
+    """The policy application; it owns no database, so ``check_schema`` is accepted and ignored."""
+    return make_application(PolicyRoot(MetadataClient(settings)))
