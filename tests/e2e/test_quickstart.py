@@ -71,8 +71,7 @@ def test_real_pacifica_upload_client(stack, tmp_path, monkeypatch):
     # The client finds its servers the way it always does: POLICY_* and INGEST_* variables.
     monkeypatch.setenv("POLICY_PORT", str(stack.settings.getint("policy", "port")))
     monkeypatch.setenv("INGEST_PORT", str(stack.settings.getint("ingest", "port")))
-    projects = PolicyQuery(user="dmlb2001", from_table="projects", columns=["_id", "title"], where={},
-                           **policy).get_results()
+    projects = PolicyQuery(user="dmlb2001", from_table="projects", columns=["_id", "title"], where={}).get_results()
     assert "1234a" in [row["_id"] for row in projects]
     instruments = PolicyQuery(user=10, from_table="instruments", columns=["_id", "name"],
                               where={"project_id": "1234a"}).get_results()
