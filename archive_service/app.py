@@ -161,4 +161,4 @@ def _last_modified(value: str | None) -> datetime.datetime | float | None:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         raise BadRequest(f"Last-Modified {text[:60]!r} is not an HTTP date", code="invalid_mtime") from None
-    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)

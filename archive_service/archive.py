@@ -19,6 +19,7 @@ from typing import BinaryIO, Callable, Iterable, Protocol
 
 from archive_service.models import ArchiveFile, database
 from archive_service.storage import AlreadyExists, Storage
+from common.db import utcnow
 from common.errors import BadRequest, Conflict, LabvaultError, NotFound
 from common.hashing import CHUNK_SIZE, DEFAULT_HASH_TYPE, new_hasher, normalise_hashsum, normalise_hashtype
 
@@ -86,7 +87,7 @@ class Archive:
         """Store ``stream`` under ``file_id``, verifying ``hashsum`` first; ``size``, if known, must match."""
         file_id = parse_file_id(file_id)
         expected = _expected(hashtype, hashsum)
-        when = _now() if mtime is None else _utc_naive(mtime)
+        when = utcnow() if mtime is None else _utc_naive(mtime)
         existing = ArchiveFile.get_or_none(ArchiveFile.file_id == file_id)
         if existing is not None:
             return self._compare_with_record(existing, stream, expected, size)
@@ -273,22 +274,18 @@ def _exists(file_id: int) -> Conflict:
 
 def _insert_ignore(file_id: int, size: int, hashtype: str, hashsum: str, mtime: datetime.datetime) -> None:
     (ArchiveFile
-     .insert(file_id=file_id, size=size, hashtype=hashtype, hashsum=hashsum, mtime=mtime, created=_now())
+     .insert(file_id=file_id, size=size, hashtype=hashtype, hashsum=hashsum, mtime=mtime, created=utcnow())
      .on_conflict_ignore()
      .execute())
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
 def _utc_naive(value: datetime.datetime | float | int) -> datetime.datetime:
     if isinstance(value, datetime.datetime):
         if value.tzinfo is not None:
-            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+            value = value.astimezone(datetime.UTC).replace(tzinfo=None)
         return value
-    return datetime.datetime.fromtimestamp(float(value), datetime.timezone.utc).replace(tzinfo=None)
+    return datetime.datetime.fromtimestamp(float(value), datetime.UTC).replace(tzinfo=None)
 
 
 def _epoch(value: datetime.datetime) -> float:
-    return value.replace(tzinfo=datetime.timezone.utc).timestamp()
+    return value.replace(tzinfo=datetime.UTC).timestamp()

@@ -55,7 +55,7 @@ class Upload(abc.ABC):
     def abort(self) -> None:
         """Discard everything written; safe to call more than once and after ``commit``."""
 
-    def __enter__(self) -> "Upload":
+    def __enter__(self) -> Upload:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -93,7 +93,7 @@ def check_id(file_id: int) -> int:
 class PosixUpload(Upload):
     """A temporary file under ``root/.incoming/``, hard-linked into place on commit."""
 
-    def __init__(self, storage: "PosixStorage", file_id: int):
+    def __init__(self, storage: PosixStorage, file_id: int):
         super().__init__(file_id)
         self._storage = storage
         fd, name = tempfile.mkstemp(prefix=f"{file_id}.", suffix=".part", dir=storage.incoming)

@@ -314,4 +314,4 @@ def write_bundle(out: Path, files: list[tuple[Path, dict]], document: list[dict]
 
 
 def _iso(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat()
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat()

@@ -6,6 +6,7 @@ Each service's models bind to a ``peewee.DatabaseProxy`` declared in its
 """
 from __future__ import annotations
 
+import datetime
 import logging
 from pathlib import Path
 
@@ -23,6 +24,11 @@ SQLITE_PRAGMAS = {
     "foreign_keys": 1,
     "synchronous": "normal",
 }
+
+
+def utcnow() -> datetime.datetime:
+    """The current time as a naive UTC datetime: how every service stores times."""
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
 def open_database(url: str) -> peewee.Database:

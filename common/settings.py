@@ -30,7 +30,7 @@ class Settings:
     @classmethod
     def load(cls, path: str | os.PathLike | None = None,
              environ: Mapping[str, str] | None = None,
-             overrides: Mapping[str, Mapping[str, object]] | None = None) -> "Settings":
+             overrides: Mapping[str, Mapping[str, object]] | None = None) -> Settings:
         """Read the defaults, then ``path`` (or LABVAULT_CONFIG), then the environment, then ``overrides``."""
         environ = os.environ if environ is None else environ
         parser = configparser.ConfigParser(interpolation=None)
@@ -52,7 +52,7 @@ class Settings:
                 _set(parser, section, key, str(value))
         return cls(parser, Path(source) if source else None)
 
-    def with_overrides(self, overrides: Mapping[str, Mapping[str, object]]) -> "Settings":
+    def with_overrides(self, overrides: Mapping[str, Mapping[str, object]]) -> Settings:
         """A copy with some values replaced (used by the command line's --data-dir and --port)."""
         parser = configparser.ConfigParser(interpolation=None)
         parser.read_dict(self._parser)

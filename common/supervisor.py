@@ -90,11 +90,11 @@ class Supervisor:
     def start(self, name: str, command: list[str]) -> None:
         env = dict(os.environ)
         env.update(self.settings.as_environ())
-        log = open(self.log_dir / f"{name}.log", "ab")
-        self.children[name] = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *command], env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            # start_new_session: Ctrl-C reaches only `up`, which stops the children in order.
+            self.children[name] = subprocess.Popen(
+                [sys.executable, "-m", "common.cli", *command], env=env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_until_up(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT

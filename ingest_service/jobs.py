@@ -4,7 +4,8 @@ from __future__ import annotations
 import decimal
 
 from common.errors import NotFound
-from ingest_service.models import Job, utcnow
+from common.db import utcnow
+from ingest_service.models import Job
 
 # Step labels, in order and verbatim (clients match on them).
 UPLOADING = "UPLOADING"

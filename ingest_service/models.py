@@ -1,17 +1,14 @@
 """The ingest service's tables: one row per job, the truth about where each job is."""
 from __future__ import annotations
 
-import datetime
 
 import peewee
 
+from common.db import utcnow
 from common.migrations import Migration, Schema, create_tables
 
 database = peewee.DatabaseProxy()
 
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
 class Job(peewee.Model):

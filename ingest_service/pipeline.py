@@ -63,7 +63,7 @@ class IngestContext:
     staging: Staging
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "IngestContext":
+    def from_settings(cls, settings: Settings) -> IngestContext:
         session = make_session()
         return cls(settings,
                    MetadataClient(settings, session),
@@ -209,7 +209,7 @@ class JobRun:
             def on_read(count: int) -> None:
                 nonlocal sent
                 sent += count
-                self._progress((finished + sent) / total)
+                self._progress((finished + sent) / total)  # noqa: B023 - runs only while this file streams
 
             def fresh_body(opener=opener, size=declared.size):
                 nonlocal sent

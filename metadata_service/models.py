@@ -6,22 +6,18 @@ names, except that a primary key called ``id`` travels as ``_id``.
 """
 from __future__ import annotations
 
-import datetime
 import logging
 import uuid
 
 import peewee
 
+from common.db import utcnow
 from common.migrations import Migration, Schema, create_tables
 
 logger = logging.getLogger(__name__)
 
 database = peewee.DatabaseProxy()
 
-
-def utcnow() -> datetime.datetime:
-    """The current time as a naive UTC datetime (how every time is stored)."""
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
 def new_uuid() -> str:

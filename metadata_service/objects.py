@@ -78,13 +78,13 @@ def _parse_moment(value: Any, what: str, code: str) -> datetime.datetime | None:
         if isinstance(value, bool):
             raise ValueError("not a date")
         if isinstance(value, (int, float)):
-            return datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
+            return datetime.datetime.fromtimestamp(value, datetime.UTC)
         if isinstance(value, str):
             text = value.strip()
             if not text:
                 return None
             if _NUMBER.match(text) and not _BASIC_ISO_DATE.match(text):
-                return datetime.datetime.fromtimestamp(float(text), datetime.timezone.utc)
+                return datetime.datetime.fromtimestamp(float(text), datetime.UTC)
             return date_parser.parse(text, default=_DATE_DEFAULT, tzinfos=_zone)
     except (ValueError, OverflowError, OSError) as exc:
         raise BadRequest(f"{what}: cannot read {str(value)[:60]!r} as a date ({exc})", code=code) from None
@@ -100,7 +100,7 @@ def parse_datetime(value: Any, what: str = "date", code: str = "invalid_date") -
     if moment is None or moment.tzinfo is None:
         return moment
     try:
-        return moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return moment.astimezone(datetime.UTC).replace(tzinfo=None)
     except (ValueError, OverflowError):
         raise BadRequest(f"{what}: {str(value)[:60]!r} is out of range", code=code) from None
 
@@ -217,9 +217,7 @@ def coerce(field: peewee.Field, value: Any, what: str, code: str = "invalid_valu
         number = None
         if isinstance(value, int) and not isinstance(value, bool):
             number = value
-        elif isinstance(value, float) and value.is_integer():
-            number = int(value)
-        elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,20}\s*", value):
+        elif isinstance(value, float) and value.is_integer() or isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,20}\s*", value):
             number = int(value)
         if number is None or not -_INT_LIMITS[kind] <= number < _INT_LIMITS[kind]:
             raise BadRequest(f"{what}: {name} must be an integer, not {str(value)[:40]!r}", code=code)

@@ -118,14 +118,14 @@ class Stack:
     def url(self, service: str) -> str:
         return self.settings.service_url(service)
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> "subprocess.CompletedProcess":
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         result = subprocess.run([sys.executable, "-m", "common.cli", *args], env=env_for(self.settings),
                                 capture_output=True, text=True, timeout=timeout, cwd=self.data_dir)
         if check and result.returncode != 0:
             raise AssertionError(f"labvault {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
         return result
 
-    def start(self, timeout: float = 90) -> "Stack":
+    def start(self, timeout: float = 90) -> Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.data_dir / "up.log", "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "common.cli", "up"], env=env_for(self.settings),
