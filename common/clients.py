@@ -8,6 +8,7 @@ on codes, never on message text.
 """
 from __future__ import annotations
 
+import email.utils
 import logging
 import time
 from typing import Any, BinaryIO, Callable, Iterable
@@ -123,13 +124,16 @@ class ArchiveClient(ServiceClient):
     service = "archive"
 
     def put(self, file_id: int, open_stream: Callable[[], BinaryIO | Iterable[bytes]],
-            hashtype: str | None = None, hashsum: str | None = None) -> dict:
+            hashtype: str | None = None, hashsum: str | None = None, mtime: float | None = None) -> dict:
         """Stream a file in; the archive verifies ``hashsum`` before the file becomes visible."""
         params = {}
         if hashtype and hashsum:
             params = {"hashtype": hashtype, "hashsum": hashsum}
+        headers = {"Content-Type": "application/octet-stream"}
+        if mtime is not None:
+            headers["Last-Modified"] = email.utils.formatdate(mtime, usegmt=True)
         response = self.request("PUT", f"/{int(file_id)}", body_factory=open_stream, params=params,
-                                headers={"Content-Type": "application/octet-stream"})
+                                headers=headers)
         return response.json()
 
     def patch(self, file_id: int, path: str, hashtype: str | None = None, hashsum: str | None = None) -> dict:

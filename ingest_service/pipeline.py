@@ -159,7 +159,8 @@ class JobRun:
         with self.step(jobs.INGEST_FILES):
             pairs = bundles.match_payload(manifest, self.index,
                                           self.settings.getbool("ingest", "reject_undeclared"))
-            self._store_all(manifest, [(declared, self._member_opener(member)) for declared, member in pairs])
+            self._store_all(manifest, [(declared, self._member_opener(member), member.mtime)
+                                       for declared, member in pairs])
 
     def _move_files(self, manifest: Manifest) -> None:
         with self.step(jobs.MOVE_FILES):
@@ -167,13 +168,13 @@ class JobRun:
             for declared in manifest.files:
                 source = Path(declared.source)
                 try:
-                    size = source.stat().st_size
+                    info = source.stat()
                 except OSError:
                     raise BundleError(f"source of data/{declared.key[:200]} is missing", code="file_missing") from None
-                if size != declared.size:
-                    raise BundleError(f"source of data/{declared.key[:200]} is {size} bytes, metadata says "
+                if info.st_size != declared.size:
+                    raise BundleError(f"source of data/{declared.key[:200]} is {info.st_size} bytes, metadata says "
                                       f"{declared.size}", code="size_mismatch")
-                openers.append((declared, lambda source=source: open(source, "rb")))
+                openers.append((declared, lambda source=source: open(source, "rb"), info.st_mtime))
             self._store_all(manifest, openers)
 
     def _ingest_metadata(self, manifest: Manifest) -> None:
@@ -198,12 +199,15 @@ class JobRun:
         return start
 
     def _store_all(self, manifest: Manifest, openers: list) -> None:
-        """Stream every file into the archive with its expected hash; progress by bytes."""
+        """Stream every ``(declared, opener, mtime)`` into the archive with its expected hash.
+
+        ``task_percent`` follows the bytes sent.
+        """
         start = self._file_ids(len(openers))
-        self.file_ids = {declared.position: start + n for n, (declared, _) in enumerate(openers)}
+        self.file_ids = {declared.position: start + n for n, (declared, _, _) in enumerate(openers)}
         total = max(manifest.total_bytes, 1)
         finished = 0
-        for declared, opener in openers:
+        for declared, opener, mtime in openers:
             sent = 0
 
             def on_read(count: int) -> None:
@@ -217,7 +221,7 @@ class JobRun:
                 return HashingReader(opener(), length=size, on_read=on_read)
 
             file_id = self.file_ids[declared.position]
-            answer = self.context.archive.put(file_id, fresh_body, declared.hashtype, declared.hashsum)
+            answer = self.context.archive.put(file_id, fresh_body, declared.hashtype, declared.hashsum, mtime)
             if int(answer.get("total_bytes", -1)) != declared.size:
                 raise LabvaultError(f"archive stored {answer.get('total_bytes')} bytes of data/{declared.key[:200]}, "
                                     f"expected {declared.size}", code="size_mismatch")

@@ -76,3 +76,10 @@ def test_a_run_cut_short_repeats_safely_with_the_same_file_ids(context):
     rows = context.metadata.query("files", transaction=job_id)
     assert sorted(row["_id"] for row in rows) == first_ids
     assert jobs.get(job_id).attempts == 1
+
+
+def test_archive_keeps_the_members_mtime(context):
+    job_id = stage_job(context, [("old.txt", b"old news")])
+    assert pipeline.process_job(context, job_id) == "OK"
+    file_id = context.metadata.query("files", transaction=job_id)[0]["_id"]
+    assert context.archive.head(file_id)["X-Pacifica-Mtime"] == "1700000000"  # make_tar's mtime
