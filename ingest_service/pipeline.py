@@ -92,6 +92,8 @@ class JobRun:
         self.job_id = int(job.job_id)
         self.settings = context.settings
         self.tar: tarfile.TarFile | None = None
+        self.index: bundles.BundleIndex | None = None
+        self.file_ids: dict[int, int] = {}  # metadata position of a Files entry -> its file id
         self._last_progress = 0.0
         self.progress_interval = self.settings.getfloat("ingest", "progress_interval")
 

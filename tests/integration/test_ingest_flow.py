@@ -107,6 +107,22 @@ def test_pacifica_client_shape_upload_alias_metadata_last(stack):
     assert names == ["naïve résumé.txt", "日本語.bin"]
 
 
+def test_lenient_client_inputs_are_accepted(stack):
+    """What hand-written metadata looks like: upper-case hash types and sums, prefixes, sizes as
+    text, no mimetype or times, ``./`` member names, directory members."""
+    raw = b"spectrum,1\n"
+    document = [{"destinationTable": "Transactions.submitter", "value": "10"},
+                {"destinationTable": "Transactions.project", "value": "1234a"},
+                {"destinationTable": "Transactions.instrument", "value": "54"},
+                {"destinationTable": "Files", "name": "s.csv", "subdir": "/data/x/", "size": str(len(raw)),
+                 "hashtype": "SHA256", "hashsum": "SHA256:" + hashlib.sha256(raw).hexdigest().upper()}]
+    bundle = make_tar([("./metadata.txt", json.dumps(document).encode()), ("./data/x/s.csv", raw)])
+    final = stack.ingest(bundle)
+    assert (final["state"], final["task"], final["exception"]) == ("OK", "ingest metadata", "")
+    row = metadata_rows(stack, "files", transaction=final["job_id"])[0]
+    assert (row["subdir"], row["hashtype"], row["mimetype"]) == ("x", "sha256", "application/octet-stream")
+
+
 def test_get_state_forms_and_errors(stack):
     job_id = stack.ingest(fixture_bundle("good-md.json"))["job_id"]
     base = stack.url("ingest")
