@@ -18,7 +18,6 @@ from cherrypy.lib import static
 from archive_service import models
 from archive_service.archive import Archive, FileInfo, PutResult, parse_file_id
 from archive_service.storage import make_storage
-from common import db as common_db
 from common import migrations
 from common.errors import BadRequest, LabvaultError
 from common.settings import Settings
@@ -106,13 +105,7 @@ class ArchiveRoot(HealthMixin):
 
 def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Application:
     """The archive's CherryPy application; refuses to build on a schema of another major version."""
-    db = common_db.bind(models.database, settings.database_url("archive"))
-    if check_schema:
-        try:
-            migrations.require(db, models.SCHEMA)
-        finally:
-            # Requests open their own connections (common.web.DatabaseTool).
-            common_db.close_quietly(db)
+    db = migrations.bind_service(models.database, settings.database_url("archive"), models.SCHEMA, check_schema)
     archive = Archive(make_storage(settings), settings.getlist("archive", "patch_roots"))
     return make_application(ArchiveRoot(archive), db=db)
 

@@ -275,7 +275,7 @@ def _exists(file_id: int) -> Conflict:
 def _insert_ignore(file_id: int, size: int, hashtype: str, hashsum: str, mtime: datetime.datetime) -> None:
     (ArchiveFile
      .insert(file_id=file_id, size=size, hashtype=hashtype, hashsum=hashsum, mtime=mtime, created=utcnow())
-     .on_conflict_ignore()
+     .on_conflict(action="NOTHING", conflict_target=[ArchiveFile.file_id])
      .execute())
 
 

@@ -68,7 +68,14 @@ def celery_config(settings: Settings) -> dict:
         "worker_hijack_root_logger": False,
         "broker_connection_retry_on_startup": True,
         "enable_utc": True,
+        # A task past the soft limit gets SoftTimeLimitExceeded, so the pipeline records
+        # FAILED and cleans up; the hard limit kills the process (see [celery] in
+        # config/labvault.ini for how these relate to RabbitMQ's consumer_timeout).
+        "task_time_limit": _seconds(settings, "task_time_limit"),
+        "task_soft_time_limit": _seconds(settings, "task_soft_time_limit"),
     }
+    if broker_url.startswith(("amqp", "pyamqp")):
+        config.update(amqp_config(settings))
     if broker_url.startswith("filesystem"):
         folder = settings.path("celery", "broker_dir")
         for sub in ("out", "processed", "control"):
@@ -84,6 +91,41 @@ def celery_config(settings: Settings) -> dict:
             "polling_interval": settings.getfloat("celery", "polling_interval"),
         }
     return config
+
+
+def amqp_config(settings: Settings) -> dict:
+    """What a RabbitMQ broker needs beyond the defaults: no message lost, no worker stranded."""
+    max_retries = settings.get("celery", "connection_max_retries", "").strip()
+    return {
+        # Durable queues (above) keep messages only if the messages are persistent too.
+        "task_default_delivery_mode": "persistent",
+        # py-amqp waits for the broker's ack of every publish, so a message the broker
+        # refused or lost raises in the enqueueing request instead of vanishing.
+        "broker_transport_options": {"confirm_publish": True},
+        # The worker's consumer connection: heartbeats find a dead broker (or a dead
+        # network path) in about two intervals instead of the TCP timeout.
+        "broker_heartbeat": settings.getint("celery", "heartbeat"),
+        "broker_connection_timeout": settings.getfloat("celery", "connection_timeout"),
+        "broker_connection_retry": True,
+        # Empty: a worker waits for the broker forever rather than exiting.
+        "broker_connection_max_retries": int(max_retries) if max_retries else None,
+        # Producers (the ingest service) reconnect and publish again when the pooled
+        # connection died, e.g. after a broker restart.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": settings.getint("celery", "publish_retries"),
+                                      "interval_start": 0, "interval_step": 0.5, "interval_max": 2},
+        # A late-acked task cannot be acked on a new connection and the broker redelivers it
+        # anyway: stop it at once rather than let two copies of one job run side by side.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+    }
+
+
+def _seconds(settings: Settings, key: str) -> float | None:
+    """``[celery] key`` in seconds; empty or 0 means no limit."""
+    if not settings.get("celery", key, "").strip():
+        return None
+    value = settings.getfloat("celery", key)
+    return value if value > 0 else None
 
 
 def make_celery(settings: Settings) -> Celery:

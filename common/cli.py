@@ -16,7 +16,7 @@ from common.celery_app import broker_folder, make_celery
 from common.clients import IngestClient
 from common.db import bind
 from common.errors import LabvaultError
-from common.hashing import HASH_TYPES, DEFAULT_HASH_TYPE
+from common.hashing import DEFAULT_HASH_TYPE, HASH_TYPES
 from common.settings import SERVICES, Settings, SettingsError
 
 logger = logging.getLogger("labvault")
@@ -123,9 +123,9 @@ def cmd_job(args, settings: Settings) -> int:
     with db.connection_context():
         try:
             jobs.get(args.job_id)
+            jobs.set_state(args.job_id, args.state, args.task, args.task_percent, args.exception)
         except LabvaultError as exc:
             raise CommandError(exc.message) from None
-        jobs.set_state(args.job_id, args.state, args.task, args.task_percent, args.exception)
         print(json.dumps(jobs.state_json(jobs.get(args.job_id))))
     return 0
 

@@ -5,18 +5,28 @@ taking the database to a (major, minor) version. ``sync`` applies the steps the
 database has not seen, each in its own transaction; ``check`` compares the
 database with the code; ``require`` is what a service calls before it serves.
 A major version change means the code cannot run on the old schema.
+
+Several processes may sync one database at once (every container of a deployment
+running ``labvault dbsync`` at start): each step re-reads the version inside its
+transaction under a lock (PostgreSQL: an advisory lock; SQLite: the write lock of
+BEGIN IMMEDIATE), so a step is applied exactly once.
 """
 from __future__ import annotations
 
-import datetime
+import contextlib
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable
 
 import peewee
 
+from common.db import bind, close_all, is_postgres, is_sqlite, utcnow
 from common.errors import SchemaMismatch
 
 Version = tuple[int, int]
+
+# PostgreSQL advisory lock key of migrations: the same in every process and run.
+MIGRATION_LOCK = zlib.crc32(b"labvault migrations")
 
 
 class SchemaVersion(peewee.Model):
@@ -64,7 +74,7 @@ def create_tables(*models: type[peewee.Model]) -> Callable[[peewee.Database], No
 def current_version(db: peewee.Database, schema: Schema) -> Version | None:
     """The version recorded in ``db`` for ``schema``, or None if it was never synced."""
     with db.bind_ctx([SchemaVersion]):
-        if not db.table_exists(SchemaVersion._meta.table_name):
+        if not _table_exists(db, SchemaVersion._meta.table_name):
             return None
         row = SchemaVersion.get_or_none(SchemaVersion.component == schema.name)
         return (row.major, row.minor) if row else None
@@ -74,23 +84,45 @@ def sync(db: peewee.Database, schema: Schema) -> list[Version]:
     """Apply every step newer than the database's version; returns the versions applied."""
     applied = []
     with db.bind_ctx([SchemaVersion]):
-        db.create_tables([SchemaVersion], safe=True)
-        have = current_version(db, schema) or (0, 0)
+        with _locked(db):
+            db.create_tables([SchemaVersion], safe=True)
         for step in schema.migrations:
-            if step.version <= have:
+            # Cheap look first, the authoritative one under the lock.
+            if step.version <= (current_version(db, schema) or (0, 0)):
                 continue
-            with db.atomic():
+            with _locked(db):
+                if step.version <= (current_version(db, schema) or (0, 0)):
+                    continue  # another process applied it while we waited
                 step.apply(db)
+                now = utcnow()
                 (SchemaVersion
-                 .insert(component=schema.name, major=step.version[0], minor=step.version[1],
-                         updated=datetime.datetime.utcnow())
+                 .insert(component=schema.name, major=step.version[0], minor=step.version[1], updated=now)
                  .on_conflict(conflict_target=[SchemaVersion.component],
                               update={SchemaVersion.major: step.version[0],
                                       SchemaVersion.minor: step.version[1],
-                                      SchemaVersion.updated: datetime.datetime.utcnow()})
+                                      SchemaVersion.updated: now})
                  .execute())
             applied.append(step.version)
     return applied
+
+
+@contextlib.contextmanager
+def _locked(db: peewee.Database) -> Iterator[None]:
+    """A transaction that no other ``sync`` on this database runs alongside."""
+    with db.atomic("IMMEDIATE") if is_sqlite(db) else db.atomic():
+        if is_postgres(db):
+            # One key for every schema: services may share a database, and with it the
+            # version table. Released with the transaction.
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        yield
+
+
+def _table_exists(db: peewee.Database, name: str) -> bool:
+    if is_postgres(db):
+        # Honours the connection's search_path, where CREATE TABLE put it; peewee's
+        # table_exists only looks in "public".
+        return db.execute_sql("SELECT to_regclass(%s) IS NOT NULL", (f'"{name}"',)).fetchone()[0]
+    return db.table_exists(name)
 
 
 def check(db: peewee.Database, schema: Schema, equal: bool = False) -> tuple[bool, str]:
@@ -115,6 +147,21 @@ def require(db: peewee.Database, schema: Schema) -> None:
     have = current_version(db, schema)
     if have is None or have[0] != schema.version[0]:
         raise SchemaMismatch(check(db, schema)[1])
+
+
+def bind_service(proxy: peewee.DatabaseProxy, url: str, schema: Schema, check_schema: bool = True) -> peewee.Database:
+    """Bind a service's models to ``url``; with ``check_schema``, refuse another major version first.
+
+    The connection used for the check is closed (and a pool emptied): requests open
+    their own, and nothing is left for a fork (uWSGI without lazy-apps) to copy.
+    """
+    db = bind(proxy, url)
+    if check_schema:
+        try:
+            require(db, schema)
+        finally:
+            close_all(db)
+    return db
 
 
 def _fmt(version: Version) -> str:

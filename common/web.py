@@ -7,6 +7,7 @@ turns them into ``{"status", "code", "message"}``; tracebacks go to the log only
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import decimal
 import json
@@ -16,7 +17,7 @@ import uuid
 
 import cherrypy
 
-from common.db import close_quietly
+from common.db import release
 from common.errors import BadRequest, LabvaultError, code_for_status, status_line
 from common.settings import Settings
 
@@ -119,11 +120,11 @@ def error_page(status, message, traceback, version) -> str:
 
 
 class DatabaseTool(cherrypy.Tool):
-    """Open the service's database connection for a request and give it back afterwards.
+    """Open the service's database connection for a request and release it afterwards.
 
-    With SQLite that is a cheap file open; with a pooled PostgreSQL URL
-    (postgresql+pool://) it borrows from the pool. Never shared across processes:
-    each process opens its own on its first request.
+    See ``common.db.release``: SQLite keeps one connection per thread, a pooled
+    PostgreSQL URL (postgresql+pool://) borrows from the pool. Never shared across
+    processes: each process opens its own on its first request.
     """
 
     def __init__(self):
@@ -143,7 +144,7 @@ class DatabaseTool(cherrypy.Tool):
     def _close():
         db = getattr(cherrypy.serving.request, "labvault_db", None)
         if db is not None:
-            close_quietly(db)
+            release(db)
 
 
 cherrypy.tools.labvault_db = DatabaseTool()
@@ -191,11 +192,14 @@ def global_config(settings: Settings, service: str, host: str | None = None, por
     }
 
 
-def serve(application: cherrypy.Application, settings: Settings, service: str,
+def serve(application, settings: Settings, service: str,
           host: str | None = None, port: int | None = None) -> None:
-    """Run one service on CherryPy's own server until SIGTERM/SIGINT."""
+    """Run one service (a CherryPy application, or WSGI in front of one) until SIGTERM/SIGINT."""
     cherrypy.config.update(global_config(settings, service, host, port))
-    cherrypy.tree.mount(application, "")
+    if isinstance(application, cherrypy.Application):
+        cherrypy.tree.mount(application, "")
+    else:
+        cherrypy.tree.graft(application, "")
     cherrypy.engine.signals.subscribe()
     cherrypy.engine.start()
     logger.info("%s service listening on http://%s:%s", service,
@@ -203,14 +207,90 @@ def serve(application: cherrypy.Application, settings: Settings, service: str,
     cherrypy.engine.block()
 
 
-def wsgi_application(application: cherrypy.Application) -> cherrypy.Application:
-    """Prepare an application for uWSGI: no built-in server, no autoreload, engine started."""
+def wsgi_application(application, settings: Settings | None = None):
+    """Prepare an application for uWSGI (one call per worker, after fork: ``lazy-apps``).
+
+    No built-in server and no autoreload; the engine started, and exited with the worker;
+    logging configured from ``settings``; chunked request bodies readable from wsgi.input.
+    """
+    if settings is not None:
+        from common.cli import setup_logging
+        setup_logging(settings)
     cherrypy.config.update({"engine.autoreload.on": False, "checker.on": False,
                             "log.screen": False, "request.show_tracebacks": False,
                             "error_page.default": error_page})
     cherrypy.server.unsubscribe()
     cherrypy.engine.start()
-    return application
+    # uWSGI ends a worker by leaving Python, never through CherryPy: exit the engine
+    # ourselves (atexit runs this before CherryPy's own "bus still started" warning).
+    atexit.register(cherrypy.engine.exit)
+    try:
+        import uwsgi
+    except ImportError:  # not under uWSGI: the WSGI server de-chunks bodies itself
+        return application
+    return UwsgiChunkedInput(application, uwsgi.chunked_read)
+
+
+class UwsgiChunkedInput:
+    """WSGI middleware: a ``Transfer-Encoding: chunked`` body read through ``uwsgi.chunked_read``.
+
+    uWSGI's http-socket leaves wsgi.input empty for a chunked body (there is no
+    Content-Length) and hands the chunks only to its own API; the handlers read
+    wsgi.input (CherryPy's ``request.rfile``), so this puts the chunks there.
+    """
+
+    def __init__(self, application, read_chunk):
+        self.application = application
+        self.read_chunk = read_chunk
+
+    def __call__(self, environ, start_response):
+        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            environ["wsgi.input"] = ChunkedReader(self.read_chunk)
+            environ["wsgi.input_terminated"] = True
+        return self.application(environ, start_response)
+
+
+class ChunkedReader:
+    """A file-like body made of the pieces ``read_chunk()`` returns until it returns b''."""
+
+    def __init__(self, read_chunk):
+        self._read_chunk = read_chunk
+        self._buffer = bytearray()
+        self._done = False
+
+    def _fill(self, wanted) -> None:
+        while not self._done and (wanted is None or len(self._buffer) < wanted):
+            chunk = self._read_chunk()
+            if not chunk:
+                self._done = True
+            else:
+                self._buffer += chunk
+
+    def _take(self, count: int) -> bytes:
+        data = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        wanted = None if size is None or size < 0 else size
+        self._fill(wanted)
+        return self._take(len(self._buffer) if wanted is None else wanted)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = None if size is None or size < 0 else size
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0 or self._done or (limit is not None and len(self._buffer) >= limit):
+                break
+            self._fill(len(self._buffer) + 1)
+        count = len(self._buffer) if end < 0 else end + 1
+        return self._take(count if limit is None else min(count, limit))
+
+    def readlines(self, hint: int | None = None) -> list[bytes]:
+        return list(iter(self.readline, b""))
+
+    def __iter__(self):
+        return iter(self.readline, b"")
 
 
 class HealthMixin:

@@ -1,14 +1,12 @@
 """The ingest service's tables: one row per job, the truth about where each job is."""
 from __future__ import annotations
 
-
 import peewee
 
 from common.db import utcnow
 from common.migrations import Migration, Schema, create_tables
 
 database = peewee.DatabaseProxy()
-
 
 
 class Job(peewee.Model):
@@ -18,6 +16,7 @@ class Job(peewee.Model):
     kind = peewee.CharField(max_length=16, default="upload")
     state = peewee.CharField(max_length=16, default="OK")
     task = peewee.CharField(max_length=64, default="UPLOADING")
+    # NUMERIC(7,3) on PostgreSQL: exact, so "42.5" comes back as 42.5; jobs.check_percent keeps it in 0..100.
     task_percent = peewee.DecimalField(max_digits=7, decimal_places=3, default=0, auto_round=True)
     exception = peewee.TextField(default="")
     created = peewee.DateTimeField(default=utcnow)

@@ -25,6 +25,7 @@ from pathlib import Path
 from common import bundles
 from common.bundles import BundleError, Manifest
 from common.clients import ArchiveClient, MetadataClient, PolicyClient, make_session
+from common.db import utcnow
 from common.errors import LabvaultError
 from common.hashing import HashingReader
 from common.settings import Settings
@@ -81,7 +82,7 @@ def process_job(context: IngestContext, job_id: int) -> str:
     if jobs.is_complete(job):
         logger.info("job %s: already %s, nothing to do", job_id, job.state)
         return job.state
-    jobs.update(job_id, attempts=job.attempts + 1)
+    jobs.count_attempt(job_id)
     return JobRun(context, job).run()
 
 
@@ -192,13 +193,18 @@ class JobRun:
         return lambda: self.tar.extractfile(member)
 
     def _file_ids(self, count: int) -> int:
-        """The first of ``count`` file ids for this job, reserved once and kept on the row."""
+        """The first of ``count`` file ids for this job, reserved once and kept on the row.
+
+        The range is recorded only if none is yet (one conditional UPDATE), so two runs
+        of one job agree on the ids whichever reserves first.
+        """
         job = Job.get_by_id(self.job_id)
-        if job.file_id_start is not None and job.file_count == count:
-            return int(job.file_id_start)
-        start = self.context.metadata.getid("file", count) if count else 0
-        jobs.update(self.job_id, file_id_start=start, file_count=count)
-        return start
+        if job.file_id_start is None:
+            start = self.context.metadata.getid("file", count) if count else 0
+            (Job.update(file_id_start=start, file_count=count, updated=utcnow())
+             .where((Job.job_id == self.job_id) & Job.file_id_start.is_null()).execute())
+            job = Job.get_by_id(self.job_id)
+        return int(job.file_id_start)
 
     def _store_all(self, manifest: Manifest, openers: list) -> None:
         """Stream every ``(declared, opener, mtime)`` into the archive with its expected hash.

@@ -5,7 +5,6 @@ import logging
 
 import cherrypy
 
-from common import db as common_db
 from common import migrations
 from common.settings import Settings
 from common.web import HealthMixin, json_body, make_application, read_json
@@ -69,11 +68,5 @@ class Root(HealthMixin):
 
 def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Application:
     """The metadata WSGI application; refuses (SchemaMismatch) a database not synced to SCHEMA."""
-    db = common_db.bind(database, settings.database_url("metadata"))
-    if check_schema:
-        try:
-            migrations.require(db, SCHEMA)
-        finally:
-            # Requests open their own connections; this one was only for the check.
-            common_db.close_quietly(db)
+    db = migrations.bind_service(database, settings.database_url("metadata"), SCHEMA, check_schema)
     return make_application(Root(), db=db)

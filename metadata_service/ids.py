@@ -12,6 +12,7 @@ from typing import Any
 
 import peewee
 
+from common.db import is_sqlite
 from common.errors import BadRequest
 from metadata_service.models import Files, IdCounter, Transactions, database, write_transaction
 
@@ -48,9 +49,10 @@ def allocate(mode: str, count: int) -> tuple[int, int]:
     """Reserve ``count`` consecutive ids of ``mode``; returns (first, last)."""
     mode, count = check_mode(mode), check_range(count)
     with write_transaction():
-        IdCounter.insert(mode=mode, next_id=1).on_conflict_ignore().execute()
+        (IdCounter.insert(mode=mode, next_id=1)
+         .on_conflict(action="NOTHING", conflict_target=[IdCounter.mode]).execute())
         select = IdCounter.select(IdCounter.next_id).where(IdCounter.mode == mode)
-        if not isinstance(database.obj, peewee.SqliteDatabase):
+        if not is_sqlite(database):
             # SQLite has no row locks (and no FOR UPDATE): BEGIN IMMEDIATE already serialises.
             select = select.for_update()
         start = select.scalar()

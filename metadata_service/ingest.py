@@ -15,8 +15,8 @@ import peewee
 from common.errors import BadRequest, Conflict
 from metadata_service.models import (Files, FileKeyValue, Instruments, Keys, Projects, Transactions,
                                      TransKeyValue, Users, Values, utcnow, write_transaction)
-from metadata_service.objects import (check_hash, check_hashtype, check_mimetype, coerce, integrity_error,
-                                      normalise_subdir, parse_date, parse_datetime)
+from metadata_service.objects import (check_hash, check_hashtype, check_mimetype, check_text, coerce,
+                                      integrity_error, normalise_subdir, parse_date, parse_datetime)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ def _text(value: Any, what: str, label: str, max_bytes: int = MAX_VALUE_BYTES) -
         value = str(value)
     if not isinstance(value, str):
         raise BadRequest(f"{what}: {label} must be a string", code=INVALID)
+    check_text(value, f"{what}: {label}", INVALID)
     if len(value.encode("utf-8")) > max_bytes:
         raise BadRequest(f"{what}: {label} is longer than {max_bytes} bytes", code=INVALID)
     return value
@@ -102,6 +103,7 @@ def _file_entry(index: int, entry: dict, what: str) -> FileEntry:
     name = entry["name"]
     if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
         raise BadRequest(f"{what}: name must be a file name without '/', not {str(name)[:80]!r}", code=INVALID)
+    check_text(name, f"{what}: name", INVALID)
     what = f"{what} {name!r}"
     size = coerce(Files.size, entry["size"], what, INVALID)
     if file_id < 0 or size < 0:
@@ -257,7 +259,8 @@ def _ids_for(model: type[peewee.Model], field: peewee.Field, texts: set[str]) ->
     found: dict[str, int] = {}
     for chunk in peewee.chunked(sorted(texts), BATCH):
         # ON CONFLICT DO NOTHING: another ingest may create the same key at the same time.
-        model.insert_many([{field.name: text} for text in chunk]).on_conflict_ignore().execute()
+        (model.insert_many([{field.name: text} for text in chunk])
+         .on_conflict(action="NOTHING", conflict_target=[field]).execute())
         for pk, text in model.select(model.id, field).where(field.in_(chunk)).tuples():
             found[text] = pk
     return found

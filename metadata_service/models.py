@@ -11,13 +11,12 @@ import uuid
 
 import peewee
 
-from common.db import utcnow
+from common.db import is_sqlite, utcnow
 from common.migrations import Migration, Schema, create_tables
 
 logger = logging.getLogger(__name__)
 
 database = peewee.DatabaseProxy()
-
 
 
 def new_uuid() -> str:
@@ -31,7 +30,7 @@ def write_transaction():
     "database is locked" when another writer got in between; taking the lock up
     front makes concurrent writers queue on busy_timeout instead.
     """
-    if isinstance(database.obj, peewee.SqliteDatabase):
+    if is_sqlite(database):
         return database.atomic("IMMEDIATE")
     return database.atomic()
 

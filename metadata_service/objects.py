@@ -16,6 +16,7 @@ import peewee
 from dateutil import parser as date_parser
 from dateutil import tz
 
+from common.db import is_postgres
 from common.errors import BadRequest, Conflict, LabvaultError, NotFound
 from common.hashing import DEFAULT_HASH_TYPE, normalise_hashsum, normalise_hashtype
 from metadata_service import ids
@@ -145,12 +146,28 @@ def check_hash(hashtype: Any, hashsum: Any, what: str = "hash") -> tuple[str, st
     return kind, digest
 
 
+def check_text(value: str, what: str, code: str = "invalid_value") -> str:
+    """``value`` if every database can store it, else BadRequest ``code``.
+
+    PostgreSQL text cannot hold NUL, and no database takes a lone surrogate (JSON's
+    "\\ud800" decodes to one); SQLite would keep the NUL, so refuse it everywhere alike.
+    """
+    if "\0" in value:
+        raise BadRequest(f"{what}: text may not contain NUL characters", code=code)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{what}: text is not valid Unicode (a lone surrogate)", code=code) from None
+    return value
+
+
 def normalise_subdir(value: Any, what: str = "subdir", code: str = "invalid_metadata") -> str:
     """``data//a/b/``, ``data/a/b`` and ``a/b`` all give ``a/b``; ``..`` is refused with ``code``."""
     if value is None:
         return ""
     if not isinstance(value, str):
         raise BadRequest(f"{what}: subdir must be a string", code=code)
+    check_text(value, f"{what}: subdir", code)
     parts = [part for part in value.split("/") if part not in ("", ".")]
     if parts and parts[0] == "data":
         parts = parts[1:]
@@ -237,6 +254,8 @@ def coerce(field: peewee.Field, value: Any, what: str, code: str = "invalid_valu
         value = str(value)
     if not isinstance(value, str):
         raise BadRequest(f"{what}: {name} must be a string, not {type(value).__name__}", code=code)
+    check_text(value, f"{what}: {name}", code)
+    # PostgreSQL's varchar(n) counts characters, as len() does; SQLite would keep any length.
     max_length = getattr(field, "max_length", None)
     if isinstance(field, peewee.CharField) and max_length and len(value) > max_length:
         raise BadRequest(f"{what}: {name} is longer than {max_length} characters", code=code)
@@ -370,12 +389,24 @@ def query(table: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
     page = _positive(params, "page_number")
     per_page = _positive(params, "items_per_page")
     conditions = filter_conditions(model, params)
-    select = model.select(*output_fields(model)).order_by(model._meta.primary_key)
+    select = model.select(*output_fields(model)).order_by(sort_key(model._meta.primary_key))
     if conditions:
         select = select.where(*conditions)
     if page is not None or per_page is not None:
         select = select.paginate(page or 1, per_page or DEFAULT_ITEMS_PER_PAGE)
     return [row_dict(model, row) for row in select.tuples()]
+
+
+def sort_key(field: peewee.Field) -> peewee.Node:
+    """``field`` for ORDER BY, text in code point order on every database.
+
+    SQLite compares text bytewise; PostgreSQL by the database's collation, which in
+    the usual en_US locale puts "1234a" before "1234A" and ignores punctuation. The
+    "C" collation is PostgreSQL's bytewise order, so pages come out the same everywhere.
+    """
+    if is_postgres(database) and isinstance(field, (peewee.CharField, peewee.TextField)):
+        return field.collate('"C"')
+    return field
 
 
 def insert(table: str, body: Any) -> int:
@@ -408,13 +439,19 @@ def sync_sequence(model: type[BaseModel]) -> None:
     """After rows were inserted with explicit ids, move a PostgreSQL serial key past them.
 
     PostgreSQL's sequence does not see explicit ids, so the next automatic id could
-    collide with one; SQLite already takes max(id) + 1 by itself.
+    collide with one; SQLite already takes max(id) + 1 by itself. The sequence never
+    moves back: a lower max(id) can mean rows a concurrent transaction has not
+    committed yet, whose ids came from the sequence.
     """
     pk = model._meta.primary_key
-    if isinstance(database.obj, peewee.SqliteDatabase) or not isinstance(pk, peewee.AutoField):
+    if not is_postgres(database) or not isinstance(pk, peewee.AutoField):
         return
-    sequence = peewee.fn.pg_get_serial_sequence(f'"{model._meta.table_name}"', pk.column_name)
-    model.select(peewee.fn.setval(sequence, peewee.fn.COALESCE(peewee.fn.MAX(pk), 0) + 1, False)).scalar()
+    table, column = model._meta.table_name, pk.column_name
+    database.execute_sql(
+        f'SELECT setval(seq, GREATEST((SELECT COALESCE(MAX("{column}"), 0) FROM "{table}"), '
+        f'COALESCE(pg_sequence_last_value(seq), 0)) + 1, false) '
+        f'FROM (SELECT pg_get_serial_sequence(%s, %s)::regclass AS seq) AS serial',
+        (f'"{table}"', column))
 
 
 def check_required(model: type[BaseModel], values: Mapping[peewee.Field, Any], what: str) -> None:

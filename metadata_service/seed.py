@@ -76,29 +76,39 @@ def load_seed(path: Path) -> dict[str, int]:
 def _upsert(model: type[BaseModel], data: dict, what: str) -> None:
     values = row_values(model, data, what)
     check_references(model, values, what)
-    match = _natural_key(model, values)
+    key = _natural_key(model, values)
+    # By name: a peewee field's == builds an expression, so `field in key` would always hold.
+    key_names = {field.name for field in key}
+    changes = {field: value for field, value in values.items()
+               if not field.primary_key and field.name not in key_names}
     try:
-        if match is not None and model.select().where(*match).exists():
-            changes = {field: value for field, value in values.items() if not field.primary_key}
+        if key and model.select().where(*[field == values[field] for field in key]).exists():
             if changes:
-                model.update(changes).where(*match).execute()
+                model.update(changes).where(*[field == values[field] for field in key]).execute()
             return
         check_required(model, values, what)
-        model.insert(values).execute()
+        insert = model.insert(values)
+        if key:
+            # Another loader may insert the row between our look and our insert: on
+            # PostgreSQL writers do not queue at BEGIN as on SQLite. Its row then gets
+            # our values instead of the load failing on the duplicate key.
+            insert = (insert.on_conflict(conflict_target=key, update=changes) if changes
+                      else insert.on_conflict(action="NOTHING", conflict_target=key))
+        insert.execute()
     except (peewee.IntegrityError, peewee.DataError) as exc:
         raise integrity_error(exc, what, "insert") from None
 
 
-def _natural_key(model: type[BaseModel], values: dict) -> list | None:
-    """Conditions naming the row ``values`` describes: its primary key, else a unique index."""
+def _natural_key(model: type[BaseModel], values: dict) -> list[peewee.Field]:
+    """The fields naming the row ``values`` describes: its primary key, else a unique index; or none."""
     pk = model._meta.primary_key
     if pk in values:
-        return [pk == values[pk]]
+        return [pk]
     for columns, unique in model._meta.indexes:
         fields = [model._meta.fields[name] for name in columns]
         if unique and all(field in values for field in fields):
-            return [field == values[field] for field in fields]
+            return fields
     for field in model._meta.sorted_fields:
         if field.unique and field in values:
-            return [field == values[field]]
-    return None
+            return [field]
+    return []

@@ -1,6 +1,7 @@
-"""uWSGI entry point: ``application`` is the stats service."""
+"""uWSGI entry point (``module = stats_service.wsgi:application``); only builds ``application``."""
 from common.settings import Settings
 from common.web import wsgi_application
 from stats_service.app import build_app
 
-application = wsgi_application(build_app(Settings.load()))
+settings = Settings.load()
+application = wsgi_application(build_app(settings), settings)

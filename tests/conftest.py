@@ -2,14 +2,27 @@
 import pytest
 
 from tests.helpers import FIXTURES, Stack
+from tests.servers import require_postgres, require_rabbitmq, require_uwsgi
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory):
-    """The suite under ``labvault up`` (SQLite, filesystem broker, POSIX archive), seeded."""
-    root = tmp_path_factory.mktemp("stack")
+@pytest.fixture(scope="session", params=["embedded", "production"])
+def stack(request, tmp_path_factory):
+    """The whole suite, seeded, in each of its two worlds; every test that uses it runs on both.
+
+    ``embedded``: ``labvault up`` (SQLite, filesystem broker, POSIX archive).
+    ``production``: the services under uWSGI, two Celery workers on a RabbitMQ vhost,
+    PostgreSQL databases (skipped, or failed under CI=true, without those servers).
+    """
+    if request.param == "production":
+        require_postgres()
+        require_rabbitmq()
+        require_uwsgi()
+        from tests.production import ProductionStack as kind
+    else:
+        kind = Stack
+    root = tmp_path_factory.mktemp(f"stack-{request.param}")
     (root / "movable").mkdir()
-    running = Stack(root, ingest={"move_roots": str(root / "movable")})
+    running = kind(root, ingest={"move_roots": str(root / "movable")})
     running.start()
     try:
         running.cli("seed", str(FIXTURES / "metadata-seed"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -93,6 +94,21 @@ def fixture_bundle(metadata_file: str | Path, metadata_last: bool = False) -> by
     return make_tar(members + [entry] if metadata_last else [entry] + members)
 
 
+def payload_bundle(payload: dict[str, bytes], submitter=10, project="1234a", instrument=54) -> bytes:
+    """A bundle of ``payload`` (path under data/ -> bytes) with sha1 Files entries, for the seed's
+    submitter, project and instrument."""
+    document = [{"destinationTable": "Transactions.submitter", "value": submitter},
+                {"destinationTable": "Transactions.project", "value": project},
+                {"destinationTable": "Transactions.instrument", "value": instrument}]
+    for path, raw in payload.items():
+        subdir, _, name = path.rpartition("/")
+        document.append({"destinationTable": "Files", "name": name, "subdir": subdir, "size": len(raw),
+                         "hashtype": "sha1", "hashsum": hashlib.sha1(raw).hexdigest(),
+                         "mimetype": "application/octet-stream"})
+    return make_tar([("metadata.txt", json.dumps(document).encode())]
+                    + [(f"data/{path}", raw) for path, raw in payload.items()])
+
+
 def env_for(settings: Settings) -> dict[str, str]:
     """Environment for a child process that must see exactly ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABVAULT_")}
@@ -100,8 +116,12 @@ def env_for(settings: Settings) -> dict[str, str]:
     return env
 
 
-class Stack:
-    """The whole suite started by ``labvault up`` on free ports under ``data_dir``."""
+class StackBase:
+    """The suite on free ports under ``data_dir``, seen from outside: settings, URLs, uploads, jobs.
+
+    Subclasses start and stop the processes: ``Stack`` (``labvault up``) and
+    ``tests.production.ProductionStack`` (uWSGI, RabbitMQ, PostgreSQL).
+    """
 
     SERVICES = ("ingest", "metadata", "archive", "policy", "stats")
 
@@ -113,7 +133,6 @@ class Stack:
         for section, values in list(ports.items()) + list(sections.items()):
             merged.setdefault(section, {}).update(values)
         self.settings = make_settings(self.data_dir, **merged)
-        self.process = None
 
     def url(self, service: str) -> str:
         return self.settings.service_url(service)
@@ -124,6 +143,36 @@ class Stack:
         if check and result.returncode != 0:
             raise AssertionError(f"labvault {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
         return result
+
+    def start(self, timeout: float = 90) -> StackBase:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 60) -> None:
+        raise NotImplementedError
+
+    def post(self, raw: bytes, path: str = "/ingest") -> dict:
+        response = requests.post(self.url("ingest") + path, data=raw,
+                                 headers={"Content-Type": "application/octet-stream"}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def state(self, job_id: int) -> dict:
+        return requests.get(self.url("ingest") + "/get_state", params={"job_id": job_id}, timeout=10).json()
+
+    def wait_job(self, job_id: int, timeout: float = 90) -> dict:
+        return wait_for(lambda: (lambda s: s if s.get("complete") else None)(self.state(job_id)),
+                        timeout=timeout, message=f"job {job_id} to finish")
+
+    def ingest(self, raw: bytes, timeout: float = 90) -> dict:
+        return self.wait_job(self.post(raw)["job_id"], timeout)
+
+
+class Stack(StackBase):
+    """The whole suite started by ``labvault up`` on free ports under ``data_dir``."""
+
+    def __init__(self, data_dir: Path, **sections):
+        super().__init__(data_dir, **sections)
+        self.process = None
 
     def start(self, timeout: float = 90) -> Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -149,19 +198,3 @@ class Stack:
                 self.process.wait()
         if getattr(self, "log", None):
             self.log.close()
-
-    def post(self, raw: bytes, path: str = "/ingest") -> dict:
-        response = requests.post(self.url("ingest") + path, data=raw,
-                                 headers={"Content-Type": "application/octet-stream"}, timeout=60)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def state(self, job_id: int) -> dict:
-        return requests.get(self.url("ingest") + "/get_state", params={"job_id": job_id}, timeout=10).json()
-
-    def wait_job(self, job_id: int, timeout: float = 90) -> dict:
-        return wait_for(lambda: (lambda s: s if s.get("complete") else None)(self.state(job_id)),
-                        timeout=timeout, message=f"job {job_id} to finish")
-
-    def ingest(self, raw: bytes, timeout: float = 90) -> dict:
-        return self.wait_job(self.post(raw)["job_id"], timeout)

@@ -96,8 +96,9 @@ def postgres_databases(*services: str) -> Iterator[dict[str, str]]:
         connection.close()
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl`` (raises if it fails); returns what it printed."""
+    return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True, timeout=120).stdout
 
 
 @contextlib.contextmanager
@@ -111,3 +112,19 @@ def rabbitmq_vhost() -> Iterator[str]:
     finally:
         with contextlib.suppress(subprocess.SubprocessError):
             rabbitmqctl("delete_vhost", vhost)
+
+
+def existing_databases() -> set[str]:
+    """Names of the databases on the PostgreSQL server."""
+    connection = _pg_admin()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT datname FROM pg_database")
+            return {row[0] for row in cursor.fetchall()}
+    finally:
+        connection.close()
+
+
+def existing_vhosts() -> set[str]:
+    """Names of the RabbitMQ server's vhosts."""
+    return set(rabbitmqctl("list_vhosts", "--quiet", "--no-table-headers").split())

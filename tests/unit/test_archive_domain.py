@@ -1,4 +1,5 @@
-"""Archive domain rules on a real SQLite database and POSIX storage: verify, write-once, clean up."""
+"""Archive domain rules on real SQLite and PostgreSQL databases and POSIX storage: verify,
+write-once (also between processes), clean up."""
 from __future__ import annotations
 
 import datetime
@@ -10,12 +11,13 @@ import threading
 import pytest
 
 from archive_service import archive as archive_module
+from archive_service import models
 from archive_service.archive import Archive, parse_file_id
-from archive_service.models import SCHEMA, ArchiveFile, database
+from archive_service.models import ArchiveFile, database
 from archive_service.storage import PosixStorage
 from common import db as common_db
-from common import migrations
 from common.errors import LabvaultError
+from tests.unit.processes import database_url, run_processes
 
 DATA = b"labvault archive bytes\n" * 1000
 
@@ -33,14 +35,6 @@ class Untouchable(io.RawIOBase):
 
     def read(self, size=-1):
         raise AssertionError("the stream was read")
-
-
-@pytest.fixture
-def archive_db(tmp_path):
-    db = common_db.bind(database, f"sqlite:///{tmp_path}/a.sqlite3")
-    migrations.sync(db, SCHEMA)
-    yield db
-    common_db.close_quietly(db)
 
 
 @pytest.fixture
@@ -232,6 +226,47 @@ def test_concurrent_puts_of_one_id(archive, same_bytes):
     with handle:
         assert sha1(handle.read()) == info.hashsum
     assert leftovers(archive) == (["1f/31"], [31])
+
+
+def put_in_child(url, root, file_id, payload):
+    """In a child process: one PUT through an Archive and a database connection of its own."""
+    database = common_db.bind(models.database, url)
+    try:
+        return "created" if Archive(PosixStorage(root)).put(file_id, io.BytesIO(payload), "sha1",
+                                                            sha1(payload)).created else "same"
+    except LabvaultError as exc:
+        return exc.code
+    finally:
+        database.close()
+
+
+@pytest.mark.parametrize("same_bytes", [True, False])
+def test_two_processes_putting_one_id_at_once(archive, archive_db, same_bytes):
+    url, root = database_url(archive_db), archive.storage.root
+    for file_id in (32, 33, 34):  # a few rounds: the processes meet at different points
+        payloads = [DATA, DATA if same_bytes else DATA + b"other"]
+        outcomes = run_processes(put_in_child, [(url, root, file_id, payload) for payload in payloads],
+                                 databases=[archive_db])
+        assert sorted(outcomes) == (["created", "same"] if same_bytes else ["created", "file_exists"])
+        winner = payloads[outcomes.index("created")]
+        assert archive.stat(file_id).hashsum == sha1(winner)
+        info, handle = archive.open(file_id)
+        with handle:
+            assert handle.read() == winner and info.size == len(winner)
+    assert leftovers(archive) == (["20/32", "21/33", "22/34"], [32, 33, 34])
+
+
+def test_sizes_above_two_gib_and_long_digests(archive):
+    # The metadata seed has a 3 GiB file; a 32-bit column would overflow on PostgreSQL.
+    big = 3 * 2 ** 30
+    archive_module._insert_ignore(35, big, "sha512", "f" * 128, datetime.datetime(2016, 11, 12, 21, 38, 21))
+    info = archive.stat(35)
+    assert (info.size, info.hashtype, len(info.hashsum)) == (big, "sha512", 128)
+    assert info.mtime == datetime.datetime(2016, 11, 12, 21, 38, 21)
+    archive_module._insert_ignore(35, 1, "sha1", "0" * 40, datetime.datetime(2020, 1, 1))  # ignored: write-once
+    assert archive.stat(35).size == big
+    archive.put(2 ** 63 - 1, io.BytesIO(b"largest id"))
+    assert archive.stat(str(2 ** 63 - 1)).size == 10
 
 
 # -- read, delete, stage -----------------------------------------------------------------

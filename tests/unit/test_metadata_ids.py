@@ -1,16 +1,14 @@
 """getid: range and mode rules, floors above directly inserted rows, disjoint ranges under concurrency."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 
 import pytest
 
+from common import db
 from common.errors import BadRequest
 from metadata_service import ids, models, objects
-from tests.helpers import REPO
+from tests.unit.processes import database_url, run_processes
 
 
 def test_fresh_mode_starts_at_one_and_ranges_follow(metadata_db):
@@ -91,25 +89,26 @@ def test_concurrent_threads_get_disjoint_ranges(metadata_db):
     assert max(end for _, end in ranges) == total  # no gaps either
 
 
-ALLOCATOR = """
-import json, sys
-from common import db
-from metadata_service import ids, models
-db.bind(models.database, sys.argv[1])
-print(json.dumps([ids.allocate("file", int(n)) for n in sys.argv[2:]]))
-"""
+def allocate_ranges(url, sizes):
+    """In a child process: allocate one range per size over a connection of its own."""
+    database = db.bind(models.database, url)
+    try:
+        return [ids.allocate("file", size) for size in sizes]
+    finally:
+        database.close()
 
 
-def test_concurrent_processes_get_disjoint_ranges(metadata_db, tmp_path):
-    url = f"sqlite:///{tmp_path}/m.sqlite3"
-    sizes = [str(n % 5 + 1) for n in range(40)]
-    workers = [subprocess.Popen([sys.executable, "-c", ALLOCATOR, url, *sizes], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(4)]
-    ranges = []
-    for worker in workers:
-        out, err = worker.communicate(timeout=120)
-        assert worker.returncode == 0, err
-        ranges.extend(tuple(pair) for pair in json.loads(out))
+def test_concurrent_processes_get_disjoint_ranges(metadata_db):
+    # Rows the floor of mode "file" must stay above, seen by every process.
+    models.Transactions.insert(id=1).execute()
+    models.Files.insert(id=100, name="f", size=1, transaction=1).execute()
+    url = database_url(metadata_db)
+    calls = [(url, [(seed + n) % 5 + 1 for n in range(40)]) for seed in range(4)]
+    results = run_processes(allocate_ranges, calls, databases=[metadata_db])
+    ranges = [tuple(pair) for result in results for pair in result]
     assert len(ranges) == 160
     assert_disjoint(ranges)
+    # None lost: together they cover 101.. without a gap, and the counter is right behind them.
+    total = sum(size for _, sizes in calls for size in sizes)
+    assert (min(start for start, _ in ranges), max(end for _, end in ranges)) == (101, 100 + total)
+    assert models.IdCounter.get_by_id("file").next_id == 101 + total

@@ -6,10 +6,12 @@ import datetime
 
 import pytest
 
+from common import db
 from common.errors import LabvaultError
-from metadata_service import ingest, objects
+from metadata_service import ingest, models, objects
 from metadata_service.models import Files, FileKeyValue, Keys, Transactions, TransKeyValue, Values
 from tests.helpers import FIXTURES, load_json
+from tests.unit.processes import database_url, run_processes
 
 TRANSACTION_ID = 1234
 XLS_NAME = ("\u30d1\u30bd\u30b3\u30f3\u8cc7\u7523\u7ba1\u7406\u53f0\u5e33"
@@ -225,6 +227,67 @@ def test_a_failure_while_writing_rolls_back_what_was_written(metadata_seeded, mo
         ingest.ingest_document(good_document())
     assert (caught.value.status, caught.value.code) == (409, "duplicate_id")
     assert counts() == before
+
+
+def ingest_in_child(url, document):
+    """In a child process: one ingest over a database connection of its own; "success" or the error code."""
+    database = db.bind(models.database, url)
+    try:
+        return ingest.ingest_document(document)["status"]
+    except LabvaultError as exc:
+        return exc.code
+    finally:
+        database.close()
+
+
+def test_one_document_from_several_processes_at_once_goes_in_once(metadata_seeded):
+    url = database_url(metadata_seeded)
+    for transaction_id in (1, 2, 3):  # a few rounds: the processes meet at different points
+        document = good_document(transaction_id, first_file_id=100 * transaction_id)
+        outcomes = run_processes(ingest_in_child, [(url, document)] * 3, databases=[metadata_seeded])
+        assert sorted(outcomes) == ["duplicate_id", "duplicate_id", "success"]
+    assert counts()["transactions"] == 3 and counts()["files"] == 9 and counts()["trans_key_value"] == 9
+
+
+def test_two_transactions_claiming_one_file_id_at_once(metadata_seeded):
+    url = database_url(metadata_seeded)
+    documents = [good_document(10, first_file_id=500), good_document(11, first_file_id=502)]  # both claim 502
+    outcomes = run_processes(ingest_in_child, [(url, document) for document in documents],
+                             databases=[metadata_seeded])
+    assert sorted(outcomes) == ["duplicate_id", "success"]
+    winner = 10 if outcomes[0] == "success" else 11
+    # The loser left nothing: not its transaction, not one of its files or key/values.
+    assert [row["_id"] for row in objects.query("transactions", {})] == [winner]
+    assert {row["transaction"] for row in objects.query("files", {})} == {winner}
+    assert counts()["files"] == 3 and counts()["trans_key_value"] == 3
+
+
+@pytest.mark.parametrize("field", ["name", "subdir", "key", "value", "project"])
+@pytest.mark.parametrize("bad", ["a\0b", "a\ud800b"])
+def test_text_no_database_can_store_is_a_client_error(metadata_seeded, field, bad):
+    """PostgreSQL refuses NUL in text and no driver encodes a lone surrogate: 400, never a crash."""
+    document = good_document()
+    if field == "project":
+        entries(document, "Transactions.project")[0]["value"] = bad
+    elif field in ("key", "value"):
+        entries(document, "TransactionKeyValue")[0][field] = bad
+    else:
+        entries(document, "Files")[0][field] = bad
+    before = counts()
+    with pytest.raises(LabvaultError) as caught:
+        ingest.ingest_document(document)
+    assert (caught.value.status, caught.value.code) == (400, "invalid_metadata")
+    assert counts() == before
+
+
+def test_long_and_unicode_text_round_trips(metadata_seeded):
+    document = good_document()
+    name = "\u00e9" * 300 + "\U0001F600.txt"  # longer than any varchar(255), multi-byte
+    entries(document, "Files")[0]["name"] = name
+    entries(document, "TransactionKeyValue")[0]["value"] = "\u30d1" * 682  # 2046 bytes: under the limit
+    ingest.ingest_document(document)
+    assert objects.query("files", {"_id": "100"})[0]["name"] == name
+    assert Values.select().where(Values.value == "\u30d1" * 682).count() == 1
 
 
 def test_messages_name_the_entry(metadata_seeded):

@@ -1,11 +1,19 @@
-"""Versioned schema migrations: ordered steps, version checks, refusing a major mismatch."""
+"""Versioned schema migrations on SQLite and PostgreSQL: ordered steps, version checks, refusing a
+major mismatch, several processes syncing at once, and ``labvault dbsync``/``dbchk`` for real."""
+import os
+import subprocess
+import sys
+
 import peewee
 import pytest
 
+from common import db as dbmod
 from common import migrations
-from common.db import open_database
 from common.errors import SchemaMismatch
 from common.migrations import Migration, Schema, create_tables
+from tests.helpers import REPO
+from tests.servers import postgres_databases, require_postgres
+from tests.unit.processes import database_url, run_processes
 
 
 class Thing(peewee.Model):
@@ -22,10 +30,8 @@ V2 = Schema("things", V1_1.migrations + [Migration((2, 0), "no-op major", lambda
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = open_database(f"sqlite:///{tmp_path}/m.sqlite3")
-    yield database
-    database.close()
+def db(empty_database):
+    return empty_database
 
 
 def test_sync_applies_only_new_steps_in_order(db):
@@ -65,3 +71,62 @@ def test_failed_step_leaves_the_version_where_it_was(db):
 def test_versions_must_rise():
     with pytest.raises(ValueError):
         Schema("bad", [Migration((1, 1), "a", lambda db: None), Migration((1, 0), "b", lambda db: None)])
+
+
+def sync_in_child(url, schema):
+    """In a child process: sync ``schema`` over a database connection of its own."""
+    database = dbmod.open_database(url)
+    try:
+        return migrations.sync(database, schema)
+    finally:
+        database.close()
+
+
+def test_several_processes_syncing_at_once_apply_each_step_once(db):
+    def add_index(database):
+        database.execute_sql('CREATE INDEX "by_size" ON "thing" ("size")')
+    schema = Schema("things", V1_1.migrations + [Migration((1, 2), "index", add_index)])
+    # Without the lock, two processes would both add the column (or create the index) and one would fail.
+    results = run_processes(sync_in_child, [(database_url(db), schema)] * 4, databases=[db])
+    applied = sorted(version for result in results for version in result)
+    assert applied == [(1, 0), (1, 1), (1, 2)]
+    assert migrations.current_version(db, schema) == (1, 2)
+
+
+SERVICE_TABLES = {
+    "metadata": {"users", "projects", "instruments", "groups", "user_group", "relationships", "project_user",
+                 "project_instrument", "instrument_user", "transactions", "files", "keys", "values",
+                 "trans_key_value", "file_key_value", "id_counter"},
+    "archive": {"archive_file"},
+    "ingest": {"ingest_job"},
+}
+
+
+def labvault(tmp_path, urls, *args):
+    env = dict(os.environ, **{f"LABVAULT_{service.upper()}_DATABASE": url for service, url in urls.items()})
+    return subprocess.run([sys.executable, "-m", "common.cli", *args, "--data-dir", str(tmp_path)],
+                          check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_dbsync_and_dbchk_on_empty_postgresql_databases(tmp_path):
+    require_postgres()
+    with postgres_databases(*SERVICE_TABLES) as urls:
+        before = labvault(tmp_path, urls, "dbchk")
+        assert before.returncode == 1 and "run 'labvault dbsync'" in before.stdout
+        done = labvault(tmp_path, urls, "dbsync")
+        assert done.returncode == 0, done.stderr
+        assert "metadata: schema 1.0 (1.0)" in done.stdout
+        again = labvault(tmp_path, urls, "dbsync")
+        assert again.returncode == 0 and again.stdout.count("nothing to do") == 3
+        # Production's pooled form of the URL works for the commands too.
+        pooled = {service: url.replace("postgresql://", "postgresql+pool://") for service, url in urls.items()}
+        check = labvault(tmp_path, pooled, "dbchk", "--equal")
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert check.stdout.count("same as the code") == 3
+        for service, tables in SERVICE_TABLES.items():
+            database = dbmod.open_database(urls[service])
+            with database.connection_context():
+                assert set(database.get_tables()) == tables | {"labvault_schema_version"}
+                versions = database.execute_sql(
+                    "SELECT component, major, minor FROM labvault_schema_version").fetchall()
+            assert versions == [(service, 1, 0)]

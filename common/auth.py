@@ -1,0 +1,145 @@
+"""Identity: who is asking, in one of three modes.
+
+- ``open``: no authentication; a job belongs to nobody and everybody sees it (a
+  single-user laptop: the embedded default, with a warning in the log).
+- ``token``: a per-user API token, sent as ``Authorization: Bearer <token>`` or as the
+  password of HTTP Basic (so Pacifica clients, which only know Basic, can use it).
+- ``proxy``: a fronting proxy that authenticated the user names them in a header;
+  the header counts only when the request comes from a configured proxy address.
+
+Tokens are stored only as their SHA-256; the token itself is shown once, at creation.
+Nothing here imports CherryPy: callers pass the request's headers and address.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from common.errors import LabvaultError
+from common.settings import Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+MODES = ("open", "token", "proxy")
+TOKEN_PREFIX = "lv_"
+
+
+class Unauthorized(LabvaultError):
+    status, code = 401, "unauthorized"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The requester: ``user`` is None in open mode (anyone)."""
+
+    user: int | None
+    admin: bool = False
+
+    @property
+    def anonymous(self) -> bool:
+        return self.user is None
+
+    def may_see(self, owner: int | None) -> bool:
+        """Whether this requester may see something owned by ``owner`` (None: owned by nobody)."""
+        return owner is None or self.anonymous or self.admin or owner == self.user
+
+
+OPEN = Identity(None)
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def same_secret(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def presented_secret(headers: Mapping[str, str]) -> str | None:
+    """The token of ``Authorization: Bearer <t>`` or the password of ``Authorization: Basic``."""
+    value = (headers.get("Authorization") or "").strip()
+    scheme, _, credentials = value.partition(" ")
+    scheme, credentials = scheme.lower(), credentials.strip()
+    if scheme == "bearer" and credentials:
+        return credentials
+    if scheme == "basic" and credentials:
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise Unauthorized("malformed Basic credentials") from None
+        return decoded.partition(":")[2] or None
+    return None
+
+
+class Authenticator:
+    """Turns a request's headers and address into an ``Identity`` for the configured mode.
+
+    ``user_for_token(digest)`` answers the user id a token digest belongs to (or None);
+    ``user_for_name(name)`` resolves a proxy's user name (a network id, or an id) to a
+    user id (or None); ``is_admin(user)`` says whether a user is in an admin group.
+    """
+
+    def __init__(self, mode: str, user_for_token: Callable[[str], int | None],
+                 user_for_name: Callable[[str], int | None], is_admin: Callable[[int], bool],
+                 proxy_addresses: list[str] = (), proxy_header: str = "X-Remote-User"):
+        if mode not in MODES:
+            raise SettingsError(f"[auth] mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
+        self.user_for_token = user_for_token
+        self.user_for_name = user_for_name
+        self.is_admin = is_admin
+        self.proxy_header = proxy_header
+        try:
+            self.proxies = [ipaddress.ip_network(address.strip(), strict=False) for address in proxy_addresses]
+        except ValueError as exc:
+            raise SettingsError(f"[auth] proxy_addresses: {exc}") from None
+        if mode == "proxy" and not self.proxies:
+            raise SettingsError("[auth] mode = proxy needs proxy_addresses")
+        if mode == "open":
+            logger.warning("authentication is off ([auth] mode = open): anyone who can reach the "
+                           "ingest service can upload as any submitter and see every job")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **lookups) -> "Authenticator":
+        return cls(settings.get("auth", "mode", "open").strip().lower(), **lookups,
+                   proxy_addresses=settings.getlist("auth", "proxy_addresses"),
+                   proxy_header=settings.get("auth", "proxy_header", "X-Remote-User"))
+
+    def identify(self, headers: Mapping[str, str], remote_addr: str) -> Identity:
+        """The requester, or 401 ``unauthorized``."""
+        if self.mode == "open":
+            return OPEN
+        if self.mode == "token":
+            token = presented_secret(headers)
+            if not token:
+                raise Unauthorized("an API token is required (Authorization: Bearer, or as the Basic password)")
+            user = self.user_for_token(token_digest(token))
+            if user is None:
+                raise Unauthorized("the API token is not valid")
+            return Identity(user, self.is_admin(user))
+        name = headers.get(self.proxy_header)
+        if not name or not self._from_proxy(remote_addr):
+            # A header from anywhere else is ignored: it could have been written by anyone.
+            raise Unauthorized("requests must come through the authenticating proxy")
+        user = self.user_for_name(name.strip())
+        if user is None:
+            raise Unauthorized(f"the proxy named an unknown user {name.strip()[:80]!r}")
+        return Identity(user, self.is_admin(user))
+
+    def _from_proxy(self, remote_addr: str) -> bool:
+        try:
+            address = ipaddress.ip_address(remote_addr)
+        except ValueError:
+            return False
+        return any(address in network for network in self.proxies)
