@@ -62,15 +62,19 @@ class IngestContext:
     policy: PolicyClient
     archive: ArchiveClient
     staging: Staging
+    # Exceptions that mean "the task ran out of time" (Celery's soft time limit; the
+    # task adapter supplies them so this module stays free of Celery).
+    time_limits: tuple[type[BaseException], ...] = ()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> IngestContext:
+    def from_settings(cls, settings: Settings, time_limits: tuple[type[BaseException], ...] = ()) -> IngestContext:
         session = make_session()
         return cls(settings,
                    MetadataClient(settings, session),
                    PolicyClient(settings, session),
                    ArchiveClient(settings, session),
-                   Staging(settings.path("ingest", "staging_dir")))
+                   Staging(settings.path("ingest", "staging_dir")),
+                   time_limits)
 
 
 def process_job(context: IngestContext, job_id: int) -> str:
@@ -130,6 +134,9 @@ class JobRun:
             yield
         except LabvaultError as error:
             raise _StepFailed(label, error) from None
+        except self.context.time_limits:
+            raise _StepFailed(label, LabvaultError("the job ran longer than [celery] task_soft_time_limit",
+                                                   code="time_limit_exceeded")) from None
         except Exception:  # noqa: BLE001 - every failure must end the job, not hang it
             logger.exception("job %s: unexpected error at %r", self.job_id, label)
             raise _StepFailed(label, LabvaultError("unexpected error; the worker log has the details")) from None

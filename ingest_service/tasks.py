@@ -1,6 +1,8 @@
 """Celery adapters for the ingest service (thin: the work is in ``pipeline``)."""
 from __future__ import annotations
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from common.celery_app import task
 from common.db import bind
 from common.settings import Settings
@@ -14,7 +16,8 @@ def context_for(settings: Settings) -> pipeline.IngestContext:
     context = _contexts.get(id(settings))
     if context is None:
         bind(models.database, settings.database_url("ingest"))
-        context = _contexts[id(settings)] = pipeline.IngestContext.from_settings(settings)
+        context = _contexts[id(settings)] = pipeline.IngestContext.from_settings(
+            settings, time_limits=(SoftTimeLimitExceeded,))
     return context
 
 

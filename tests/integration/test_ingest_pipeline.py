@@ -83,3 +83,24 @@ def test_archive_keeps_the_members_mtime(context):
     assert pipeline.process_job(context, job_id) == "OK"
     file_id = context.metadata.query("files", transaction=job_id)[0]["_id"]
     assert context.archive.head(file_id)["X-Pacifica-Mtime"] == "1700000000"  # make_tar's mtime
+
+
+class OutOfTime(Exception):
+    """Stands for Celery's SoftTimeLimitExceeded, raised inside a step."""
+
+
+def test_a_job_past_its_time_limit_fails_with_its_own_code_and_is_cleaned_up(context, monkeypatch):
+    context.time_limits = (OutOfTime,)
+    job_id = stage_job(context, [("slow.bin", os.urandom(1000))])
+
+    def out_of_time(*_args, **_kwargs):
+        raise OutOfTime()
+    monkeypatch.setattr(context.metadata, "ingest", out_of_time)
+    with pytest.raises(pipeline.JobFailed):
+        pipeline.process_job(context, job_id)
+    state = jobs.state_json(jobs.get(job_id))
+    assert (state["state"], state["task"]) == ("FAILED", "ingest metadata")
+    assert state["exception"].startswith("time_limit_exceeded: ")
+    file_id = jobs.get(job_id).file_id_start
+    assert context.archive.head(file_id) is None
+    assert not context.staging.bundle_path(job_id).exists()

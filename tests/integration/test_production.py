@@ -54,9 +54,10 @@ def test_uwsgi_ini_runs_each_service_the_production_way(service):
     assert "post-buffering" not in ini  # bodies stream; never held whole
 
 
-def test_uwsgi_ingest_body_limit_is_the_default_max_bundle_bytes():
-    default = Settings.load(environ={}).getint("ingest", "max_bundle_bytes")
-    assert int(uwsgi_ini("ingest")["limit-post"]) == default == 10 * 1024 ** 3
+def test_uwsgi_leaves_the_body_limit_to_the_application():
+    # [ingest] max_bundle_bytes is the one limit; uWSGI's limit-post would answer nothing.
+    assert "limit-post" not in uwsgi_ini("ingest")
+    assert Settings.load(environ={}).getint("ingest", "max_bundle_bytes") == 10 * 1024 ** 3
     # An upload may last as long as the body limit takes at a modest rate.
     assert int(uwsgi_ini("ingest")["harakiri"]) >= 3600
 
@@ -146,8 +147,7 @@ def test_twenty_bundles_posted_at_once_each_land_exactly_once(fresh):
 
 
 def test_a_declared_length_over_the_body_limit_is_refused_before_any_job(fresh):
-    """uWSGI's limit-post refuses it before the application runs (it closes the connection
-    without an answer); no job is created and nothing is staged."""
+    """413 payload_too_large before the body is read; no job is created and nothing is staged."""
     next_id = requests.get(f"{fresh.url('metadata')}/getid", params={"range": 1, "mode": "upload_job"},
                            timeout=10).json()["startIndex"] + 1
     host, port = fresh.url("ingest").removeprefix("http://").split(":")
@@ -155,7 +155,8 @@ def test_a_declared_length_over_the_body_limit_is_refused_before_any_job(fresh):
         sock.sendall(f"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
                      f"Content-Length: {10 * 1024 ** 3 + 1}\r\n\r\n".encode() + b"z" * 1000)
         answer = b"".join(iter(lambda: sock.recv(65536), b""))
-    assert not answer.startswith(b"HTTP/1.1 2")
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert b'"code": "payload_too_large"' in answer
     assert fresh.state(next_id)["code"] == "job_not_found"
     staging = fresh.settings.path("ingest", "staging_dir")
     assert not staging.exists() or not list(staging.glob(f"{next_id}.*"))

@@ -108,7 +108,8 @@ def test_mounted_config_files_exist():
                 assert (REPO / source).is_file(), f"{name}: {source}"
 
 
-def test_uwsgi_body_limit_matches_the_bundle_maximum():
-    limit = uwsgi_ini("ingest").getint("uwsgi", "limit-post")
-    assert limit == DEFAULTS.getint("ingest", "max_bundle_bytes")
-    assert SERVICES["ingest"]["environment"]["LABVAULT_INGEST_MAX_BUNDLE_BYTES"] == str(limit)
+def test_the_bundle_maximum_is_one_setting():
+    # The application enforces [ingest] max_bundle_bytes (JSON 413); uWSGI adds no second limit.
+    assert not uwsgi_ini("ingest").has_option("uwsgi", "limit-post")
+    assert SERVICES["ingest"]["environment"]["LABVAULT_INGEST_MAX_BUNDLE_BYTES"] == \
+        DEFAULTS.get("ingest", "max_bundle_bytes")
