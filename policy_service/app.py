@@ -5,9 +5,14 @@ import cherrypy
 
 from common.clients import MetadataClient
 from common.settings import Settings
-from common.web import HealthMixin, json_body, make_application, read_json
+from common.web import HealthMixin, int_param, json_body, make_application, read_json
 from policy_service.policy import IngestPolicy
 from policy_service.uploader import UploaderQueries
+
+
+# Set by the ingest service, which authenticated the uploader; internal callers only
+# (see [auth] service_token).
+UPLOADER_HEADER = "X-Labvault-Uploader"
 
 
 class IngestResource:
@@ -19,7 +24,8 @@ class IngestResource:
         self.policy = policy
 
     def POST(self, **_params):  # noqa: N802 - CherryPy MethodDispatcher verb
-        self.policy.check(read_json())
+        uploader = cherrypy.serving.request.headers.get(UPLOADER_HEADER)
+        self.policy.check(read_json(), None if uploader is None else int_param("uploader", uploader))
         return json_body({"status": "success"})
 
 

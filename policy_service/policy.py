@@ -162,11 +162,14 @@ class IngestPolicy:
     def __init__(self, metadata: MetadataClient):
         self.directory = Directory(metadata)
 
-    def check(self, document: list) -> None:
+    def check(self, document: list, uploader: int | None = None) -> None:
         """Return if the upload is allowed; else 412 ``policy_denied`` naming every failure.
 
-        400 ``invalid_metadata`` for a document that is not a list of objects; the
-        client's ``metadata_unavailable`` (503) propagates when the metadata service is down.
+        ``uploader`` is the authenticated user who sent the bundle (None when the ingest
+        service runs without authentication): the submitter must be that user unless
+        the uploader is an admin. 400 ``invalid_metadata`` for a document that is not a
+        list of objects; the client's ``metadata_unavailable`` (503) propagates when the
+        metadata service is down.
         """
         parties = parse_document(document)
         failures = [f"missing {table}" for table in parties.missing()]
@@ -185,6 +188,10 @@ class IngestPolicy:
             instrument = directory.instrument(parties.instrument)
             if instrument is None:
                 failures.append(f"unknown instrument {parties.instrument!r}")
+
+        if uploader is not None and user is not None and user["_id"] != uploader \
+                and not directory.is_admin(uploader):
+            failures.append(f"submitter {user['_id']!r} is not the authenticated uploader {uploader!r}")
 
         # Relationships are only worth asking about between rows that exist.
         if user is not None and project is not None:

@@ -229,3 +229,16 @@ def test_rows_by_id_never_asks_for_a_whole_table(metadata):
     directory.BATCH = 2
     assert [row["_id"] for row in directory.by_ids("instruments", [104, 54, 54, 999])] == [54, 104]
     assert [filters for _, filters in asked] == [{"_id": [104, 54]}, {"_id": [999]}]
+
+
+def test_an_authenticated_uploader_may_submit_only_as_themselves_unless_admin(metadata):
+    policy = IngestPolicy(metadata)
+    policy.check(document(submitter=10), uploader=10)
+    policy.check(document(submitter=10), uploader=None)
+    with pytest.raises(PreconditionFailed) as caught:
+        policy.check(document(submitter=10), uploader=11)
+    assert "not the authenticated uploader 11" in caught.value.message
+    # user 10 is an admin: may upload on behalf of others (who must still be members)
+    with pytest.raises(PreconditionFailed) as caught:
+        policy.check(document(submitter=11), uploader=10)
+    assert "authenticated uploader" not in caught.value.message
