@@ -33,6 +33,7 @@ TOKEN_PREFIX = "lv_"
 
 class Unauthorized(LabvaultError):
     status, code = 401, "unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="labvault", Basic realm="labvault"'}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Iterable
 
 from common.errors import LabvaultError
-from common.hashing import DEFAULT_HASH_TYPE, hash_file, normalise_hashsum, normalise_hashtype
+from common.hashing import (
+    DEFAULT_HASH_TYPE,
+    hash_file,
+    normalise_hashsum,
+    normalise_hashtype,
+)
 
 METADATA_NAME = "metadata.txt"
 DATA_DIR = "data"
@@ -92,6 +97,7 @@ def read_index(path: str | os.PathLike, max_members: int = DEFAULT_MAX_MEMBERS) 
                 raise BundleError(f"more than {max_members} members", code="too_many_members")
             if info.isreg() and info.offset_data + info.size > size:
                 raise BundleError(f"truncated tar: member {_show(info.name)} runs past the end", code="bad_tar")
+        _check_end(tar, path, members)
     except BundleError:
         tar.close()
         raise
@@ -101,7 +107,28 @@ def read_index(path: str | os.PathLike, max_members: int = DEFAULT_MAX_MEMBERS) 
     return tar, members
 
 
+def _check_end(tar: tarfile.TarFile, path: str | os.PathLike, members: list[tarfile.TarInfo]) -> None:
+    """The member list must end at the end-of-archive marker (a zero block).
+
+    tarfile stops quietly at a header cut short or at garbage after the first member,
+    so without this a bundle truncated between two members would look whole.
+    """
+    with open(path, "rb") as handle:
+        handle.seek(tar.offset)
+        block = handle.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(tarfile.NUL):
+        return
+    after = f" after member {_show(members[-1].name)}" if members else ""
+    if len(block) < tarfile.BLOCKSIZE:
+        raise BundleError(f"truncated tar: the archive ends{after} without its end-of-archive marker",
+                          code="bad_tar")
+    raise BundleError(f"not a readable uncompressed tar (an unreadable header{after})", code="bad_tar")
+
+
 def _tar_reason(exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        # str() of an OSError names the file: a server path never goes into a message.
+        return exc.strerror or type(exc).__name__
     return str(exc).splitlines()[0][:120] or type(exc).__name__
 
 

@@ -4,6 +4,11 @@ A domain package marks a function with ``@task("ingest.process_job", queue="inge
 the function takes the settings first and ids after, so tests call it directly.
 ``make_celery(settings)`` builds the app and registers every marked function as a
 Celery task that passes the app's settings in. Creating the app connects to nothing.
+A task function that raises ``RetryLater`` is run again later (Celery's retry).
+
+The beat schedule (``beat_schedule``) is part of the app's configuration: ``labvault
+worker --beat`` (the embedded default) or ``labvault beat`` (production: exactly one)
+sends those tasks.
 """
 from __future__ import annotations
 
@@ -34,6 +39,14 @@ class TaskSpec:
 
 
 _REGISTRY: dict[str, TaskSpec] = {}
+
+
+class RetryLater(Exception):
+    """Raised by a task function: run the same task with the same arguments in ``countdown`` seconds."""
+
+    def __init__(self, countdown: float, reason: str = ""):
+        super().__init__(countdown, reason)
+        self.countdown, self.reason = countdown, reason
 
 
 def task(name: str, queue: str, **options) -> Callable[[Callable], Callable]:
@@ -73,6 +86,8 @@ def celery_config(settings: Settings) -> dict:
         # config/labvault.ini for how these relate to RabbitMQ's consumer_timeout).
         "task_time_limit": _seconds(settings, "task_time_limit"),
         "task_soft_time_limit": _seconds(settings, "task_soft_time_limit"),
+        "beat_schedule": beat_schedule(settings),
+        "beat_schedule_filename": str(settings.path("celery", "beat_schedule_file")),
     }
     if broker_url.startswith(("amqp", "pyamqp")):
         config.update(amqp_config(settings))
@@ -91,6 +106,20 @@ def celery_config(settings: Settings) -> dict:
             "polling_interval": settings.getfloat("celery", "polling_interval"),
         }
     return config
+
+
+def beat_schedule(settings: Settings) -> dict:
+    """The periodic tasks: the reaper every ``[ingest] reap_interval`` seconds."""
+    interval = settings.getfloat("ingest", "reap_interval")
+    return {
+        "reap-jobs": {
+            "task": "ingest.reap_jobs",
+            "schedule": interval,
+            # Reaps that waited longer than one interval (no worker was there) are dropped:
+            # the next one does the same work.
+            "options": {"queue": "ingest", "routing_key": "ingest", "expires": max(interval, 1.0)},
+        },
+    }
 
 
 def amqp_config(settings: Settings) -> dict:
@@ -145,7 +174,13 @@ def make_celery(settings: Settings) -> Celery:
 
 def _adapter(func: Callable) -> Callable:
     def run(self, *args, **kwargs):
-        return func(self.app.labvault_settings, *args, **kwargs)
+        try:
+            return func(self.app.labvault_settings, *args, **kwargs)
+        except RetryLater as later:
+            # The job table decides when to stop coming back (a finished job needs no retry),
+            # so Celery's retry count does not.
+            logger.info("%s%s: again in %.1f s: %s", self.name, list(args), later.countdown, later.reason)
+            raise self.retry(countdown=later.countdown, max_retries=None) from None
     run.__name__ = func.__name__
     run.__doc__ = func.__doc__
     return run

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import bundles, migrations
-from common.celery_app import broker_folder, make_celery
+from common.celery_app import broker_folder, enqueue, make_celery
 from common.clients import IngestClient
 from common.db import bind
 from common.errors import LabvaultError
@@ -113,7 +113,35 @@ def cmd_worker(args, settings: Settings) -> int:
         # The filesystem broker has no fanout for worker-to-worker chatter.
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
         app.conf.worker_enable_remote_control = False
+    if args.beat:
+        settings.path("celery", "beat_schedule_file").parent.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat"]
     app.worker_main(argv)
+    return 0
+
+
+def cmd_beat(args, settings: Settings) -> int:
+    app = make_celery(settings)
+    settings.path("celery", "beat_schedule_file").parent.mkdir(parents=True, exist_ok=True)
+    return app.start(["beat", "--loglevel", settings.get("log", "level", "INFO")]) or 0
+
+
+def cmd_reap(args, settings: Settings) -> int:
+    from ingest_service import pipeline, reaper
+    db, _ = service_database(settings, "ingest")
+    app = make_celery(settings)
+    try:
+        context = pipeline.IngestContext.from_settings(settings)
+        with db.connection_context():
+            reaped = reaper.reap(context, lambda job_id: enqueue(app, "ingest.process_job", job_id))
+    except LabvaultError as exc:
+        raise CommandError(f"reap: {exc.as_exception_text()}") from None
+    finally:
+        app.close()
+    for entry in reaped:
+        print(entry)
+    requeued = sum(entry.action == reaper.REQUEUED for entry in reaped)
+    print(f"reap: {requeued} re-enqueued, {len(reaped) - requeued} failed" if reaped else "reap: nothing to do")
     return 0
 
 
@@ -237,6 +265,38 @@ class ProgressBar:
             self.stream.flush()
 
 
+def cmd_token(args, settings: Settings) -> int:
+    from common.clients import MetadataClient
+    from ingest_service import identity
+    db, _ = service_database(settings, "ingest")
+    with db.connection_context():
+        if args.action == "create":
+            if args.user is None:
+                raise CommandError("token create needs --user")
+            try:
+                known = MetadataClient(settings).first("users", _id=args.user)
+            except LabvaultError as exc:
+                raise CommandError(f"cannot check user {args.user}: {exc.as_exception_text()}") from None
+            if known is None:
+                raise CommandError(f"no user {args.user} in the metadata service")
+            token = identity.create_token(args.user, args.label)
+            print(token)
+            print(f"token for user {args.user} created; it is shown only this once", file=sys.stderr)
+        elif args.action == "list":
+            for row in identity.token_rows(args.user):
+                state = f"revoked {row.revoked:%Y-%m-%d %H:%M}" if row.revoked else "live"
+                print(f"{row.digest[:12]}  user {row.user}  created {row.created:%Y-%m-%d %H:%M}  {state}  {row.label}")
+        else:
+            if not args.token_id:
+                raise CommandError("token revoke needs the token's id, as 'token list' shows it")
+            try:
+                row = identity.revoke_token(args.token_id)
+            except LabvaultError as exc:
+                raise CommandError(exc.message) from None
+            print(f"revoked {row.digest[:12]} (user {row.user})")
+    return 0
+
+
 def cmd_up(args, settings: Settings) -> int:
     from common.supervisor import Supervisor
     return Supervisor(settings, sys.stdout).run()
@@ -265,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = add("worker", cmd_worker, "Run a Celery worker.")
     worker.add_argument("--queues", default="ingest,archive,stats", help="comma-separated queues (default: all)")
     worker.add_argument("--concurrency", type=int, help="worker processes (default: [celery] concurrency)")
+    worker.add_argument("--beat", action="store_true",
+                        help="also send the periodic tasks (the reaper), as 'labvault beat' does; one per deployment")
+    add("beat", cmd_beat, "Run Celery beat: sends the periodic tasks (the reaper). Run exactly one per deployment.")
     add("dbsync", cmd_dbsync, "Create or upgrade every service's database schema.")
     dbchk = add("dbchk", cmd_dbchk, "Check every schema against the code; exit 1 on a mismatch.")
     dbchk.add_argument("--equal", action="store_true", help="demand the exact version, not only the same major")
@@ -274,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--task", required=True)
     job.add_argument("--task-percent", type=float, default=0.0)
     job.add_argument("--exception", default="")
+    add("reap", cmd_reap, "Re-enqueue unfinished jobs that nobody runs; fail those out of attempts "
+                          "or whose upload never finished.")
     seed = add("seed", cmd_seed, "Load users, projects, instruments, groups and relationships from seed files.")
     seed.add_argument("path", help="a directory of Pacifica seed files (users.json, projects.json, ...)")
     bundle = add("bundle", cmd_bundle, "Make a bundle (tar with metadata.txt and data/) from a directory.")
@@ -284,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("--instrument", required=True, help="instrument id")
     bundle.add_argument("--key", action="append", metavar="K=V", help="a transaction key/value (repeatable)")
     bundle.add_argument("--hashtype", default=DEFAULT_HASH_TYPE, choices=HASH_TYPES)
+    token = add("token", cmd_token, "Create, list or revoke per-user API tokens ([auth] mode = token).")
+    token.add_argument("action", choices=["create", "list", "revoke"])
+    token.add_argument("token_id", nargs="?", help="revoke: the token's id, as 'token list' shows it")
+    token.add_argument("--user", type=int, help="create: the user the token belongs to; list: only theirs")
+    token.add_argument("--label", default="", help="create: a note, e.g. the instrument it is for")
     ingest = add("ingest", cmd_ingest, "Upload a bundle to the ingest service, optionally following the job.")
     ingest.add_argument("path")
     ingest.add_argument("--url", help="ingest service URL (default: from settings)")

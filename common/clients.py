@@ -115,9 +115,13 @@ class MetadataClient(ServiceClient):
 class PolicyClient(ServiceClient):
     service = "policy"
 
-    def check_ingest(self, document: list[dict]) -> None:
-        """Raises ``policy_denied`` (412) when the upload is not allowed."""
-        self.request("POST", "/ingest", json=document)
+    def check_ingest(self, document: list[dict], uploader: int | None = None) -> None:
+        """Raises ``policy_denied`` (412) when the upload is not allowed.
+
+        ``uploader``: the user the ingest service authenticated (None without authentication).
+        """
+        headers = {} if uploader is None else {"X-Labvault-Uploader": str(int(uploader))}
+        self.request("POST", "/ingest", json=document, headers=headers)
 
 
 class ArchiveClient(ServiceClient):
@@ -153,10 +157,10 @@ class ArchiveClient(ServiceClient):
     def get(self, file_id: int) -> requests.Response:
         return self.request("GET", f"/{int(file_id)}", stream=True)
 
-    def delete(self, file_id: int) -> bool:
-        """Remove a file; False if it was not there."""
+    def delete(self, file_id: int, retries: int | None = None) -> bool:
+        """Remove a file; False if it was not there. ``retries`` overrides ``[http] retries``."""
         try:
-            self.request("DELETE", f"/{int(file_id)}")
+            self.request("DELETE", f"/{int(file_id)}", retries=retries)
             return True
         except LabvaultError as exc:
             if exc.status == 404:

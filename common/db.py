@@ -57,7 +57,7 @@ class WaitingSqliteDatabase(peewee.SqliteDatabase):
     """
 
     def _connect(self):
-        deadline = time.monotonic() + SQLITE_PRAGMAS["busy_timeout"] / 1000
+        deadline = time.monotonic() + dict(self._pragmas).get("busy_timeout", SQLITE_PRAGMAS["busy_timeout"]) / 1000
         delay = 0.005
         while True:
             try:
@@ -77,7 +77,9 @@ def utcnow() -> datetime.datetime:
 def open_database(url: str) -> peewee.Database:
     """A peewee database for ``url``; does not connect. ``SettingsError`` for an unsupported URL.
 
-    - ``sqlite:///path`` (embedded default): one file shared by all processes, in WAL mode.
+    - ``sqlite:///path`` (embedded default): one file shared by all processes, in WAL mode;
+      ``?busy_timeout=MS`` sets how long a write waits for another's lock (default 10000)
+      before the request fails with 503 ``database_unavailable``.
     - ``postgresql://user:pw@host:5432/name``: a plain connection per thread, opened on
       first use and closed when the request (or command) ends. Fine for commands,
       Celery workers and tests.
@@ -95,7 +97,14 @@ def open_database(url: str) -> peewee.Database:
         path = url.split(":///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return WaitingSqliteDatabase(**parse_url(url), pragmas=SQLITE_PRAGMAS, autoconnect=True)
+        params = parse_url(url)
+        pragmas = dict(SQLITE_PRAGMAS)
+        if "busy_timeout" in params:
+            busy = params.pop("busy_timeout")
+            if isinstance(busy, bool) or not isinstance(busy, int) or busy < 0:
+                raise SettingsError(f"database URL: busy_timeout must be whole milliseconds, not {busy!r}")
+            pragmas["busy_timeout"] = busy
+        return WaitingSqliteDatabase(**params, pragmas=pragmas, autoconnect=True)
     if scheme in POSTGRES_SCHEMES:
         defaults = dict(POSTGRES_DEFAULTS)
     elif scheme in POOLED_POSTGRES_SCHEMES:

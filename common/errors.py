@@ -14,6 +14,10 @@ class LabvaultError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    # Seconds a client should wait before trying again (sent as Retry-After); None: no advice.
+    retry_after: int | None = None
+    # Response headers the error needs (e.g. WWW-Authenticate on a 401).
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
         # One line only: the message ends up in a job's `exception` and in JSON bodies.
@@ -57,6 +61,20 @@ class PayloadTooLarge(LabvaultError):
 
 class ServiceUnavailable(LabvaultError):
     status, code = 503, "service_unavailable"
+    retry_after = 5
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The service's own database is locked, down or out of connections; worth retrying soon."""
+
+    code = "database_unavailable"
+    retry_after = 2
+
+
+class InsufficientStorage(LabvaultError):
+    """A disk (staging volume, archive) is full."""
+
+    status, code = 507, "insufficient_storage"
 
 
 class SchemaMismatch(LabvaultError):

@@ -1,33 +1,46 @@
 """``labvault up``: the whole suite on one machine, as child processes of one command.
 
-Order of events: create the data directory, bring every schema up to date,
-settle the jobs a previous run left unfinished (the job table is the truth: the
-filesystem broker does not redeliver after a crash, so its queue is emptied and
-every unfinished job is enqueued once more), start the five services and a
-worker, wait until each answers, print where they listen, and on SIGINT or
-SIGTERM stop them all.
+Order of events: create the data directory, bring every schema up to date, empty
+the filesystem broker's queue (it does not redeliver after a crash, so what it holds
+is stale), start the five services and wait until each answers, settle the jobs a
+previous run left unfinished with the reaper (the job table is the truth: every job
+quiet since this start has no live run, so it is enqueued again, or failed when its
+upload never finished or its attempts are used up), start a worker with Celery beat
+in it (the reaper then runs every ``[ingest] reap_interval``), print where everything
+listens, and on SIGINT or SIGTERM stop it all.
+
+A worker that dies is started again (its whole process group killed first), up to
+``WORKER_RESTARTS`` times in ``RESTART_WINDOW`` seconds; the jobs it was running are
+re-driven by the reaper once their heartbeats go stale. A service that dies stops
+everything. Each child's pid is in ``<data dir>/run/<name>.pid``.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import TextIO
 
 import requests
 
 from common.celery_app import broker_folder, enqueue, make_celery
 from common.cli import SERVICE_MODULES, service_database, sync_all
+from common.db import utcnow
 from common.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+WORKER = "worker"
+WORKER_COMMAND = ["worker", "--beat"]
+WORKER_RESTARTS = 5
+RESTART_WINDOW = 300.0
 
 
 class Supervisor:
@@ -36,65 +49,78 @@ class Supervisor:
         self.out = out
         self.children: dict[str, subprocess.Popen] = {}
         self._stopping = False
+        self._restarts: collections.deque[float] = collections.deque()
 
     def run(self) -> int:
         data_dir = self.settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = data_dir / "log"
         self.log_dir.mkdir(exist_ok=True)
+        self.run_dir = data_dir / "run"
+        self.run_dir.mkdir(exist_ok=True)
         print(f"labvault: data directory {data_dir}", file=self.out)
         sync_all(self.settings, self.out)
-        pending = self.recover_jobs()
+        # Nothing of this deployment runs yet: a job quiet since this moment has no live run.
+        started = utcnow()
+        self.drop_queued_messages()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
             for service in SERVICE_MODULES:
                 self.start(service, ["serve", service])
-            self.start("worker", ["worker"])
             self.wait_until_up()
-            if pending:
-                app = make_celery(self.settings)
-                for job_id in pending:
-                    enqueue(app, "ingest.process_job", job_id)
-                print(f"labvault: re-enqueued {len(pending)} unfinished job(s): "
-                      f"{', '.join(map(str, pending))}", file=self.out)
+            # Before the worker starts, so no run of the jobs it settles can be under way.
+            self.recover_jobs(started)
+            self.start(WORKER, WORKER_COMMAND)
             for service in SERVICE_MODULES:
                 print(f"  {service:<9} {self.settings.service_url(service)}", file=self.out)
-            print(f"  worker    queues ingest, archive, stats; logs in {self.log_dir}", file=self.out)
+            print(f"  worker    queues ingest, archive, stats; reaper every "
+                  f"{self.settings.getfloat('ingest', 'reap_interval'):g} s; logs in {self.log_dir}", file=self.out)
             print("labvault: up; Ctrl-C stops everything", file=self.out, flush=True)
             return self.watch()
         finally:
             self.stop_all()
 
-    def recover_jobs(self) -> list[int]:
-        """Fail jobs whose upload never finished; return the jobs to run again."""
-        from ingest_service import jobs
-        from ingest_service.staging import Staging
-        staging = Staging(self.settings.path("ingest", "staging_dir"))
+    def drop_queued_messages(self) -> None:
+        """Empty the filesystem broker's queue: the reaper enqueues again what still has to run."""
         folder = broker_folder(self.settings)
         if folder:
             for message in (folder / "out").glob("*.msg"):
                 message.unlink(missing_ok=True)
+
+    def recover_jobs(self, started) -> None:
+        """Settle every job left unfinished before ``started`` (see ``ingest_service.reaper``)."""
+        from ingest_service import pipeline, reaper
         db, _ = service_database(self.settings, "ingest")
-        pending = []
-        with db.connection_context():
-            for job in jobs.unfinished():
-                if job.task == jobs.UPLOADING and not staging_ready(staging, job):
-                    staging.discard(job.job_id)
-                    jobs.set_state(job.job_id, jobs.FAILED, jobs.UPLOADING, 0,
-                                   "upload_interrupted: the service stopped before the upload finished")
-                else:
-                    pending.append(int(job.job_id))
-        return pending
+        app = make_celery(self.settings)
+        try:
+            context = pipeline.IngestContext.from_settings(self.settings)
+            with db.connection_context():
+                reaped = reaper.reap(context, lambda job_id: enqueue(app, "ingest.process_job", job_id),
+                                     stale_before=started)
+        finally:
+            app.close()
+        requeued = [entry.job_id for entry in reaped if entry.action == reaper.REQUEUED]
+        if requeued:
+            print(f"labvault: re-enqueued {len(requeued)} unfinished job(s): "
+                  f"{', '.join(map(str, requeued))}", file=self.out)
+        for entry in reaped:
+            if entry.action == reaper.FAILED:
+                print(f"labvault: {entry}", file=self.out)
 
     def start(self, name: str, command: list[str]) -> None:
         env = dict(os.environ)
         env.update(self.settings.as_environ())
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            # start_new_session: Ctrl-C reaches only `up`, which stops the children in order.
+            # start_new_session: Ctrl-C reaches only `up`, which stops the children in order,
+            # and each child's process group (a worker's pool and beat) can be ended as one.
             self.children[name] = subprocess.Popen(
                 [sys.executable, "-m", "common.cli", *command], env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
+        # Whole or not at all: someone may be reading it (a test, a monitoring script).
+        pid_file = self.run_dir / f"{name}.pid"
+        pid_file.with_suffix(".tmp").write_text(f"{self.children[name].pid}\n")
+        os.replace(pid_file.with_suffix(".tmp"), pid_file)
 
     def wait_until_up(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -115,12 +141,31 @@ class Supervisor:
     def watch(self) -> int:
         while not self._stopping:
             dead = self.check_children(raise_on_exit=False)
-            if dead:
+            if dead == WORKER and self._may_restart():
+                self.restart_worker()
+            elif dead:
                 print(f"labvault: {dead} stopped unexpectedly; see {self.log_dir / (dead + '.log')}; "
                       "stopping everything", file=self.out, flush=True)
                 return 1
             time.sleep(0.3)
         return 0
+
+    def _may_restart(self) -> bool:
+        """At most WORKER_RESTARTS restarts in RESTART_WINDOW seconds: a worker that cannot run stops `up`."""
+        now = time.monotonic()
+        while self._restarts and now - self._restarts[0] > RESTART_WINDOW:
+            self._restarts.popleft()
+        return len(self._restarts) < WORKER_RESTARTS
+
+    def restart_worker(self) -> None:
+        old = self.children[WORKER]
+        # Its pool processes and beat may outlive it; a pool process still running a job
+        # would hold the job's claim while the new worker's reaper waits for it.
+        _kill_group(old.pid)
+        self._restarts.append(time.monotonic())
+        self.start(WORKER, WORKER_COMMAND)
+        print(f"labvault: worker exited with status {old.returncode}; started again (pid "
+              f"{self.children[WORKER].pid}); see {self.log_dir / (WORKER + '.log')}", file=self.out, flush=True)
 
     def check_children(self, raise_on_exit: bool = True) -> str | None:
         for name, child in self.children.items():
@@ -143,6 +188,10 @@ class Supervisor:
                 logger.warning("%s did not stop in time; killing it", name)
                 child.kill()
                 child.wait()
+            # Whatever of its process group outlived it (a worker's pool or beat).
+            _kill_group(child.pid)
+            with contextlib.suppress(OSError):
+                (self.run_dir / f"{name}.pid").unlink()
         if self.children:
             print("labvault: stopped", file=self.out, flush=True)
         self.children.clear()
@@ -151,6 +200,6 @@ class Supervisor:
         self._stopping = True
 
 
-def staging_ready(staging, job) -> bool:
-    """Whether the bundle of a job still at UPLOADING arrived whole (it was renamed into place)."""
-    return Path(staging.bundle_path(job.job_id)).is_file() or Path(staging.document_path(job.job_id)).is_file()
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)

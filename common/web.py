@@ -10,15 +10,26 @@ from __future__ import annotations
 import atexit
 import datetime
 import decimal
+import errno
 import json
 import logging
+import sqlite3
 import sys
 import uuid
 
 import cherrypy
+import peewee
+from playhouse.pool import MaxConnectionsExceeded
 
 from common.db import release
-from common.errors import BadRequest, LabvaultError, code_for_status, status_line
+from common.errors import (
+    BadRequest,
+    DatabaseUnavailable,
+    InsufficientStorage,
+    LabvaultError,
+    code_for_status,
+    status_line,
+)
 from common.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -87,27 +98,105 @@ def int_param(name: str, value) -> int:
         raise BadRequest(f"{name} must be an integer, not {str(value)[:40]!r}", code=f"invalid_{name}") from None
 
 
-def _error_response(status: int, body: dict) -> None:
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """What a database that is locked, down or out of connections raises (peewee wraps most)."""
+    errors: tuple[type[BaseException], ...] = (peewee.OperationalError, peewee.InterfaceError,
+                                               sqlite3.OperationalError, MaxConnectionsExceeded)
+    try:
+        import psycopg2
+    except ImportError:
+        return errors
+    return errors + (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+DATABASE_ERRORS = _database_errors()
+# A full disk (or quota) wherever a service writes: staging volume, archive root, SQLite file.
+FULL_DISK_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def as_labvault_error(exc: BaseException, where: str = "") -> LabvaultError:
+    """The error a client is told about ``exc``: ours as it is; a database that is locked or
+    down is 503 ``database_unavailable``; a full disk 507 ``insufficient_storage``; anything
+    else 500 ``internal_error``. The details (driver messages name hosts, files name paths)
+    and any traceback go to the log, never into the answer.
+    """
+    if isinstance(exc, LabvaultError):
+        if exc.status >= 500:
+            logger.warning("%s: %s", where or "request", exc.as_exception_text())
+        return exc
+    if isinstance(exc, DATABASE_ERRORS):
+        logger.warning("%s: database unavailable: %s: %s", where or "request", type(exc).__name__,
+                       " ".join(str(exc).split())[:300])
+        return DatabaseUnavailable("the service's database is busy or unreachable; try again shortly")
+    if isinstance(exc, OSError) and exc.errno in FULL_DISK_ERRNOS:
+        logger.error("%s: disk full: %s", where or "request", exc)
+        return InsufficientStorage("the service's storage is full; try again later")
+    logger.error("unhandled error in %s", where or "request", exc_info=exc)
+    return LabvaultError("internal error; the service log has the details", code="internal_error", status=500)
+
+
+def error_headers(error: LabvaultError) -> list[tuple[str, str]]:
+    """Extra response headers for ``error``: ``Retry-After`` when retrying later may succeed,
+    and any the error class names (``WWW-Authenticate`` on a 401)."""
+    headers = list(error.headers.items())
+    if error.retry_after is not None:
+        headers.append(("Retry-After", str(int(error.retry_after))))
+    return headers
+
+
+def _error_response(error: LabvaultError) -> None:
     response = cherrypy.serving.response
-    response.status = status
+    response.status = error.status
     response.headers["Content-Type"] = "application/json"
     response.headers.pop("Content-Length", None)
-    response.body = dumps(body).encode("utf-8")
+    for name, value in error_headers(error):
+        response.headers[name] = value
+    response.body = dumps(error.to_dict()).encode("utf-8")
 
 
 def handle_error() -> None:
     """``request.error_response``: any exception a handler let escape becomes JSON."""
-    exc = sys.exc_info()[1]
-    if isinstance(exc, LabvaultError):
-        if exc.status >= 500:
-            logger.warning("%s %s: %s", cherrypy.request.method, cherrypy.request.path_info,
-                           exc.as_exception_text())
-        _error_response(exc.status, exc.to_dict())
-        return
-    logger.error("unhandled error in %s %s", cherrypy.request.method, cherrypy.request.path_info,
-                 exc_info=True)
-    _error_response(500, {"status": status_line(500), "code": "internal_error",
-                          "message": "internal error; the service log has the details"})
+    request = cherrypy.serving.request
+    _error_response(as_labvault_error(sys.exc_info()[1], f"{request.method} {request.path_info}"))
+
+
+class JsonErrors:
+    """WSGI middleware: an exception escaping a plain WSGI layer (the ingest service's
+    ``get_state`` fast path) still answers the JSON error shape, not the server's 500 page.
+
+    CherryPy applications map their own errors (``handle_error``); this covers what sits
+    in front of them. Only before the response has started; after that there is nothing
+    left to fix.
+    """
+
+    def __init__(self, application):
+        self.application = application
+
+    def __call__(self, environ, start_response):
+        started = []
+
+        def tracking_start_response(status, headers, exc_info=None):
+            started.append(status)
+            return start_response(status, headers, exc_info)
+
+        try:
+            return self.application(environ, tracking_start_response)
+        except Exception as exc:  # noqa: BLE001 - every error must answer JSON
+            if started:
+                raise
+            error = as_labvault_error(exc, f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}")
+            payload = dumps(error.to_dict()).encode("utf-8")
+            start_response(status_line(error.status),
+                           [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+                           + error_headers(error))
+            return [payload]
+
+
+def outermost(application):
+    """What a server runs for ``application``: plain WSGI layers get ``JsonErrors`` around them."""
+    if isinstance(application, cherrypy.Application):
+        return application
+    return JsonErrors(application)
 
 
 def error_page(status, message, traceback, version) -> str:
@@ -199,7 +288,7 @@ def serve(application, settings: Settings, service: str,
     if isinstance(application, cherrypy.Application):
         cherrypy.tree.mount(application, "")
     else:
-        cherrypy.tree.graft(application, "")
+        cherrypy.tree.graft(outermost(application), "")
     cherrypy.engine.signals.subscribe()
     cherrypy.engine.start()
     logger.info("%s service listening on http://%s:%s", service,
@@ -224,6 +313,7 @@ def wsgi_application(application, settings: Settings | None = None):
     # uWSGI ends a worker by leaving Python, never through CherryPy: exit the engine
     # ourselves (atexit runs this before CherryPy's own "bus still started" warning).
     atexit.register(cherrypy.engine.exit)
+    application = outermost(application)
     try:
         import uwsgi
     except ImportError:  # not under uWSGI: the WSGI server de-chunks bodies itself

@@ -11,8 +11,19 @@ from common.clients import MetadataClient
 from common.db import request_connection
 from common.errors import BadRequest, LabvaultError, PayloadTooLarge, status_line
 from common.settings import Settings
-from common.web import HealthMixin, drain, dumps, int_param, json_body, make_application, read_json
+from common.web import (
+    HealthMixin,
+    as_labvault_error,
+    drain,
+    dumps,
+    error_headers,
+    int_param,
+    json_body,
+    make_application,
+    read_json,
+)
 from ingest_service import models
+from ingest_service.identity import Identities
 from ingest_service.services import IngestService, parse_length
 from ingest_service.staging import Staging
 
@@ -22,8 +33,9 @@ class Upload:
 
     exposed = True
 
-    def __init__(self, service: IngestService):
+    def __init__(self, service: IngestService, identities: Identities):
         self.service = service
+        self.identities = identities
 
     # The bundle is streamed to the staging volume by the handler; CherryPy must not
     # read it first (handler config applies before the body is processed).
@@ -31,7 +43,9 @@ class Upload:
     def POST(self, **_params):  # noqa: N802
         request = cherrypy.serving.request
         try:
-            state = self.service.upload(request.rfile.read, parse_length(request.headers.get("Content-Length")))
+            identity = self.identities.identify(request.headers, request.remote.ip)
+            state = self.service.upload(request.rfile.read, parse_length(request.headers.get("Content-Length")),
+                                        identity)
         except PayloadTooLarge:
             raise  # the HTTP server closes the connection after a 413: nothing to drain
         except BaseException:
@@ -43,11 +57,14 @@ class Upload:
 class Move:
     exposed = True
 
-    def __init__(self, service: IngestService):
+    def __init__(self, service: IngestService, identities: Identities):
         self.service = service
+        self.identities = identities
 
     def POST(self, **_params):  # noqa: N802
-        return json_body(self.service.move(read_json()))
+        request = cherrypy.serving.request
+        identity = self.identities.identify(request.headers, request.remote.ip)
+        return json_body(self.service.move(read_json(), identity))
 
 
 class StateEndpoint:
@@ -61,9 +78,10 @@ class StateEndpoint:
 
     PATH = "/get_state"
 
-    def __init__(self, application, service: IngestService, database):
+    def __init__(self, application, service: IngestService, identities: Identities, database):
         self.application = application
         self.service = service
+        self.identities = identities
         self.database = database
 
     def __call__(self, environ, start_response):
@@ -78,31 +96,45 @@ class StateEndpoint:
                 raise BadRequest("job_id is required", code="invalid_job_id")
             job_id = int_param("job_id", raw)
             with request_connection(self.database):
-                status, body = 200, self.service.state(job_id)
-        except LabvaultError as exc:
-            status, body = exc.status, exc.to_dict()
+                identity = self.identities.identify(EnvironHeaders(environ), environ.get("REMOTE_ADDR", ""))
+                status, body = 200, self.service.state(job_id, identity)
+            extra = []
+        except Exception as exc:  # noqa: BLE001 - every failure answers JSON, as CherryPy's do
+            error = as_labvault_error(exc, f"GET {path}")
+            status, body, extra = error.status, error.to_dict(), error_headers(error)
         payload = dumps(body).encode("utf-8")
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *extra]
         if status == 405:
             headers.append(("Allow", "GET, HEAD"))
         start_response(status_line(status), headers)
         return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else payload]
 
 
+class EnvironHeaders:
+    """Request headers read from a WSGI environ (``get`` by header name)."""
+
+    def __init__(self, environ):
+        self.environ = environ
+
+    def get(self, name: str, default=None):
+        return self.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
+
+
 class Root(HealthMixin):
     exposed = True
     service_title = "Ingest"
 
-    def __init__(self, service: IngestService):
-        self.ingest = self.upload = Upload(service)
-        self.move = Move(service)
+    def __init__(self, service: IngestService, identities: Identities):
+        self.ingest = self.upload = Upload(service, identities)
+        self.move = Move(service, identities)
 
 
 def build_app(settings: Settings, check_schema: bool = True, celery_app=None) -> StateEndpoint:
     """The ingest WSGI application: the state endpoint in front of the CherryPy application."""
     db = migrations.bind_service(models.database, settings.database_url("ingest"), models.SCHEMA, check_schema)
     celery_app = celery_app or make_celery(settings)
-    service = IngestService(settings, MetadataClient(settings),
-                            Staging(settings.path("ingest", "staging_dir")),
+    metadata = MetadataClient(settings)
+    service = IngestService(settings, metadata, Staging(settings.path("ingest", "staging_dir")),
                             lambda job_id: enqueue(celery_app, "ingest.process_job", job_id))
-    return StateEndpoint(make_application(Root(service), db=db), service, db)
+    identities = Identities(settings, metadata)
+    return StateEndpoint(make_application(Root(service, identities), db=db), service, identities, db)

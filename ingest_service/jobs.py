@@ -3,9 +3,16 @@
 Every change is one UPDATE of one row that names only the columns it sets, so a
 progress update, a state change and an attempt count written by different
 processes (web service, workers, the admin command) never undo each other.
+
+A run of a job first *claims* it (``claim``): one conditional UPDATE, so of several
+runs of one job (a redelivered message, a re-enqueue by the reaper) only one holds
+it at a time. The holder keeps ``heartbeat`` fresh while it runs; a claim whose
+heartbeat is older than ``[ingest] heartbeat_stale`` belongs to a run that is gone
+and may be taken over.
 """
 from __future__ import annotations
 
+import datetime
 import decimal
 
 from common.db import utcnow
@@ -51,10 +58,11 @@ def state_json(job: Job) -> dict:
     }
 
 
-def create(job_id: int, kind: str = "upload") -> Job:
+def create(job_id: int, kind: str = "upload", owner: int | None = None) -> Job:
+    """A new job at ``UPLOADING``; ``owner`` is the authenticated user (None in open mode)."""
     now = utcnow()
     return Job.create(job_id=job_id, kind=kind, state=OK, task=UPLOADING, task_percent=0,
-                      exception="", created=now, updated=now)
+                      exception="", created=now, updated=now, owner=owner)
 
 
 def get(job_id: int) -> Job:
@@ -71,10 +79,12 @@ def update(job_id: int, **fields) -> int:
             .where(Job.job_id == job_id).execute())
 
 
-def count_attempt(job_id: int) -> int:
-    """Add one to the job's ``attempts`` in the database itself (no read-modify-write); returns rows changed."""
-    return (Job.update({Job.attempts: Job.attempts + 1, Job.updated: utcnow()})
-            .where(Job.job_id == job_id).execute())
+def count_attempt(job_id: int, **fields) -> int:
+    """Add one to the job's ``attempts`` in the database itself (no read-modify-write), setting
+    ``fields`` in the same UPDATE; returns rows changed."""
+    values = {getattr(Job, name): value for name, value in fields.items()}
+    values.update({Job.attempts: Job.attempts + 1, Job.updated: utcnow()})
+    return Job.update(values).where(Job.job_id == job_id).execute()
 
 
 def set_state(job_id: int, state: str, task: str, percent, exception: str = "") -> None:
@@ -101,9 +111,74 @@ def storable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def unfinished_condition():
+    """``is_complete`` negated, as a query condition."""
+    return (Job.state != FAILED) & ~((Job.task == INGEST_METADATA) & (Job.task_percent >= 100))
+
+
 def unfinished() -> list[Job]:
     """Jobs that are neither failed nor done, oldest first."""
-    jobs = Job.select().where(Job.state != FAILED).order_by(Job.job_id)
-    return [job for job in jobs if not is_complete(job)]
+    return list(Job.select().where(unfinished_condition()).order_by(Job.job_id))
+
+
+# -- claims and heartbeats ------------------------------------------------------
+
+def stale_cutoff(seconds: float) -> datetime.datetime:
+    """The moment before which a heartbeat counts as stale."""
+    return utcnow() - datetime.timedelta(seconds=seconds)
+
+
+def _claimable(stale_before: datetime.datetime):
+    return (unfinished_condition()
+            & (Job.claimed_by.is_null() | Job.heartbeat.is_null() | (Job.heartbeat < stale_before)))
+
+
+def claim(job_id: int, run_id: str, stale_before: datetime.datetime) -> bool:
+    """Make ``run_id`` the holder of an unfinished job nobody holds (or whose holder's heartbeat
+    is older than ``stale_before``); True if it now holds the job."""
+    return bool(Job.update({Job.claimed_by: run_id, Job.heartbeat: utcnow()})
+                .where((Job.job_id == job_id) & _claimable(stale_before)).execute())
+
+
+def touch(job_id: int, run_id: str | None = None) -> int:
+    """Refresh the heartbeat: of the run ``run_id`` (0 rows when it no longer holds the job), or,
+    without ``run_id``, of the job itself (e.g. while its upload is still arriving)."""
+    query = Job.update({Job.heartbeat: utcnow()}).where(Job.job_id == job_id)
+    if run_id is not None:
+        query = query.where(Job.claimed_by == run_id)
+    return query.execute()
+
+
+def release(job_id: int, run_id: str) -> int:
+    """Let go of a claim ``run_id`` holds; returns rows changed (0 if it held none)."""
+    return (Job.update({Job.claimed_by: None})
+            .where((Job.job_id == job_id) & (Job.claimed_by == run_id)).execute())
+
+
+def redrive(job_id: int, stale_before: datetime.datetime) -> bool:
+    """Drop a stale claim (or none) so a new run may start at once, and stamp the heartbeat so the
+    job waits another stale period before it is re-driven again; False if a live run holds it."""
+    return bool(Job.update({Job.claimed_by: None, Job.heartbeat: utcnow()})
+                .where((Job.job_id == job_id) & _claimable(stale_before)).execute())
+
+
+def quiet_since(stale_before: datetime.datetime) -> list[Job]:
+    """Unfinished jobs with no sign of life (heartbeat, update) since ``stale_before``, oldest first."""
+    return list(Job.select()
+                .where(unfinished_condition() & (Job.updated < stale_before)
+                       & (Job.heartbeat.is_null() | (Job.heartbeat < stale_before)))
+                .order_by(Job.job_id))
+
+
+def held_for(job_id: int, stale_seconds: float) -> float | None:
+    """Seconds until the claim on ``job_id`` goes stale (0: nobody holds it); None when the job
+    is finished or gone, so there is nothing to wait for."""
+    job = Job.get_or_none(Job.job_id == job_id)
+    if job is None or is_complete(job):
+        return None
+    if job.claimed_by is None or job.heartbeat is None:
+        return 0.0
+    age = (utcnow() - job.heartbeat).total_seconds()
+    return max(0.0, stale_seconds - age)
 
 

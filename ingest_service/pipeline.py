@@ -9,31 +9,45 @@ A job is safe to run twice: a finished job is left alone, file ids are reserved
 once and kept on the job row, the archive is write-once by id (same bytes again
 is a no-op) and the metadata transaction is only inserted if it is not there.
 
+A run first claims its job (``jobs.claim``), so two runs never work on one job
+at once: the one that cannot claim returns ``HELD`` and does nothing. While it
+runs, a heartbeat thread keeps the claim fresh; a run whose claim was taken over
+(its heartbeat went stale) stops without touching the job.
+
 A failed step records FAILED with that step's label and ``code: message``,
-deletes the archive files the job wrote and the staged bundle, and raises
-``JobFailed`` so the task fails too. Nothing here imports CherryPy or Celery.
+deletes the archive files the job wrote and the staged bundle (``fail_job``, also
+the reaper's way to end a job), and raises ``JobFailed`` so the task fails too.
+Nothing here imports CherryPy or Celery.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import tarfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from common import bundles
 from common.bundles import BundleError, Manifest
 from common.clients import ArchiveClient, MetadataClient, PolicyClient, make_session
-from common.db import utcnow
+from common.db import close_quietly, utcnow
 from common.errors import LabvaultError
 from common.hashing import HashingReader
 from common.settings import Settings
-from ingest_service import jobs
+from ingest_service import jobs, models
 from ingest_service.models import Job
+from ingest_service.services import remove_archive_files
 from ingest_service.staging import Staging
 
 logger = logging.getLogger(__name__)
+
+# What process_job answers when another live run holds the job.
+HELD = "held"
 
 
 class JobFailed(Exception):
@@ -51,6 +65,10 @@ class _StepFailed(Exception):
     def __init__(self, step: str, error: LabvaultError):
         super().__init__(step)
         self.step, self.error = step, error
+
+
+class _ClaimLost(Exception):
+    """Another run took the job over: this run must stop without writing anything more."""
 
 
 @dataclass
@@ -77,8 +95,23 @@ class IngestContext:
                    time_limits)
 
 
-def process_job(context: IngestContext, job_id: int) -> str:
-    """Run job ``job_id`` to its end; returns its final state or raises ``JobFailed``."""
+def new_run_id() -> str:
+    """A name for one run of a job, unique across machines, telling where it runs."""
+    return f"{socket.gethostname()[:180]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def worker_lost(attempts: int) -> LabvaultError:
+    """The failure of a job that started ``attempts`` times and never finished."""
+    return LabvaultError(f"the job stopped {attempts} times without finishing", code="worker_lost")
+
+
+def process_job(context: IngestContext, job_id: int, run_id: str | None = None) -> str:
+    """Run job ``job_id`` to its end; returns its final state (``HELD`` if another live run
+    holds it, ``"missing"`` if there is no such job) or raises ``JobFailed``.
+
+    A job that already started ``[ingest] max_attempts`` times fails ``worker_lost`` instead
+    of running again: RabbitMQ would redeliver, without end, a job whose run kills its worker.
+    """
     job = Job.get_or_none(Job.job_id == job_id)
     if job is None:
         logger.warning("job %s: no such job, nothing to do", job_id)
@@ -86,21 +119,88 @@ def process_job(context: IngestContext, job_id: int) -> str:
     if jobs.is_complete(job):
         logger.info("job %s: already %s, nothing to do", job_id, job.state)
         return job.state
-    jobs.count_attempt(job_id)
-    return JobRun(context, job).run()
+    run_id = run_id or new_run_id()
+    stale = context.settings.getfloat("ingest", "heartbeat_stale")
+    if not jobs.claim(job_id, run_id, jobs.stale_cutoff(stale)):
+        job = Job.get_by_id(job_id)
+        if jobs.is_complete(job):
+            return job.state
+        logger.info("job %s: run %s holds it; this run leaves it alone", job_id, job.claimed_by)
+        return HELD
+    try:
+        job = Job.get_by_id(job_id)
+        if job.attempts >= context.settings.getint("ingest", "max_attempts"):
+            error = worker_lost(job.attempts)
+            fail_job(context, job_id, job.task, error)
+            raise JobFailed(job_id, job.task, error.as_exception_text())
+        # The new run's first step with its attempt, in one update: nobody sees this attempt
+        # counted beside the step and percent the last run left.
+        jobs.count_attempt(job_id, task=JobRun.first_step(job), task_percent=0)
+        with Heartbeat(job_id, run_id, context.settings.getfloat("ingest", "heartbeat_interval")) as heartbeat:
+            return JobRun(context, Job.get_by_id(job_id), heartbeat).run()
+    finally:
+        try:
+            jobs.release(job_id, run_id)
+        except Exception:  # noqa: BLE001 - must not hide how the run ended; the claim goes stale anyway
+            logger.warning("job %s: could not release the claim of run %s", job_id, run_id, exc_info=True)
+
+
+class Heartbeat:
+    """While entered, refreshes the heartbeat of ``run_id``'s claim on a job every ``interval``
+    seconds from a thread with its own database connection; ``lost`` tells that the claim went
+    to another run."""
+
+    def __init__(self, job_id: int, run_id: str, interval: float):
+        self.job_id, self.run_id, self.interval = job_id, run_id, interval
+        self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 30)
+
+    def _beat(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    if jobs.touch(self.job_id, self.run_id) == 0:
+                        logger.warning("job %s: run %s no longer holds the job; stopping it",
+                                       self.job_id, self.run_id)
+                        self._lost.set()
+                        return
+                except Exception:  # noqa: BLE001 - a database hiccup: the next beat tries again
+                    logger.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+                    close_quietly(models.database)
+        finally:
+            # The thread's own connection: closed (or given back to the pool) with the thread.
+            close_quietly(models.database)
 
 
 class JobRun:
-    def __init__(self, context: IngestContext, job: Job):
+    def __init__(self, context: IngestContext, job: Job, heartbeat: Heartbeat | None = None):
         self.context = context
         self.job = job
         self.job_id = int(job.job_id)
+        self.heartbeat = heartbeat
         self.settings = context.settings
         self.tar: tarfile.TarFile | None = None
         self.index: bundles.BundleIndex | None = None
         self.file_ids: dict[int, int] = {}  # metadata position of a Files entry -> its file id
         self._last_progress = 0.0
         self.progress_interval = self.settings.getfloat("ingest", "progress_interval")
+
+    @staticmethod
+    def first_step(job: Job) -> str:
+        return jobs.LOAD_METADATA if job.kind == "move" else jobs.OPEN_TAR
 
     def run(self) -> str:
         try:
@@ -113,8 +213,14 @@ class JobRun:
                 self._check_policy(manifest)
                 self._ingest_files(manifest)
             self._ingest_metadata(manifest)
+            self._check_claim()
+        except _ClaimLost:
+            return self._stand_down()
         except _StepFailed as failure:
-            self._fail(failure.step, failure.error)
+            if self._claim_lost():
+                # Maybe the other run's doing (e.g. it recorded the metadata first): its job now.
+                return self._stand_down()
+            fail_job(self.context, self.job_id, failure.step, failure.error)
             raise JobFailed(self.job_id, failure.step, failure.error.as_exception_text()) from None
         finally:
             if self.tar is not None:
@@ -129,9 +235,12 @@ class JobRun:
     @contextlib.contextmanager
     def step(self, label: str):
         """Record ``label`` at 0% and turn any error inside into a failure of this step."""
+        self._check_claim()
         jobs.set_state(self.job_id, jobs.OK, label, 0)
         try:
             yield
+        except _ClaimLost:
+            raise
         except LabvaultError as error:
             raise _StepFailed(label, error) from None
         except self.context.time_limits:
@@ -146,7 +255,7 @@ class JobRun:
         with self.step(jobs.OPEN_TAR):
             if not path.is_file():
                 raise BundleError("the staged bundle is gone", code="bundle_missing")
-            self.tar, members = bundles.read_index(path)
+            self.tar, members = bundles.read_index(path, self.settings.getint("ingest", "max_members"))
         with self.step(jobs.LOAD_METADATA):
             self.index = bundles.classify(members)
             document = bundles.read_metadata(self.tar, self.index.metadata,
@@ -163,7 +272,7 @@ class JobRun:
 
     def _check_policy(self, manifest: Manifest) -> None:
         with self.step(jobs.POLICY):
-            self.context.policy.check_ingest(manifest.document)
+            self.context.policy.check_ingest(manifest.document, self.job.owner)
 
     def _ingest_files(self, manifest: Manifest) -> None:
         with self.step(jobs.INGEST_FILES):
@@ -249,6 +358,7 @@ class JobRun:
         if not force and now - self._last_progress < self.progress_interval:
             return
         self._last_progress = now
+        self._check_claim()
         jobs.update(self.job_id, task_percent=round(min(100.0, 100.0 * fraction), 3))
 
     def _metadata_document(self, manifest: Manifest) -> list[dict]:
@@ -264,20 +374,32 @@ class JobRun:
         document.append({"destinationTable": "Transactions._id", "value": self.job_id})
         return document
 
-    def _fail(self, step: str, error: LabvaultError) -> None:
-        logger.warning("job %s: FAILED at %r: %s", self.job_id, step, error.as_exception_text())
-        self._remove_archive_files()
-        self.context.staging.discard(self.job_id)
-        job = Job.get_by_id(self.job_id)
-        jobs.set_state(self.job_id, jobs.FAILED, step, job.task_percent, error.as_exception_text())
+    def _claim_lost(self) -> bool:
+        return self.heartbeat is not None and self.heartbeat.lost
 
-    def _remove_archive_files(self) -> None:
-        job = Job.get_by_id(self.job_id)
-        if job.file_id_start is None:
-            return
-        for file_id in range(int(job.file_id_start), int(job.file_id_start) + job.file_count):
-            try:
-                self.context.archive.delete(file_id)
-            except LabvaultError as exc:
-                logger.error("job %s: could not remove archive file %s: %s", self.job_id, file_id,
-                             exc.as_exception_text())
+    def _check_claim(self) -> None:
+        if self._claim_lost():
+            raise _ClaimLost()
+
+    def _stand_down(self) -> str:
+        logger.warning("job %s: another run took the job over; this run stops here", self.job_id)
+        return HELD
+
+
+def fail_job(context: IngestContext, job_id: int, step: str, error: LabvaultError) -> None:
+    """End a job FAILED at ``step`` with ``error``, removing what it wrote: its archive files and
+    its staged bundle. The caller holds the job (its run, or the reaper's claim)."""
+    logger.warning("job %s: FAILED at %r: %s", job_id, step, error.as_exception_text())
+    _remove_archive_files(context, job_id)
+    context.staging.discard(job_id)
+    job = Job.get_by_id(job_id)
+    jobs.set_state(job_id, jobs.FAILED, step, job.task_percent, error.as_exception_text())
+
+
+def _remove_archive_files(context: IngestContext, job_id: int) -> None:
+    """Delete the job's archive files; those the archive cannot take now wait for the sweeper."""
+    job = Job.get_by_id(job_id)
+    if job.file_id_start is None:
+        return
+    start = int(job.file_id_start)
+    remove_archive_files(context.archive, context.staging, job_id, range(start, start + job.file_count))

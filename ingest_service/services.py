@@ -6,11 +6,18 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
+from common.auth import OPEN, Identity
 from common.bundles import check_document
-from common.clients import MetadataClient
-from common.errors import BadRequest, LabvaultError, PayloadTooLarge, ServiceUnavailable
+from common.clients import ArchiveClient, MetadataClient
+from common.errors import (
+    BadRequest,
+    LabvaultError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
 from common.settings import Settings
 from ingest_service import jobs
 from ingest_service.staging import Staging
@@ -27,38 +34,33 @@ class IngestService:
         self.max_bundle_bytes = settings.getint("ingest", "max_bundle_bytes")
         self.move_roots = [Path(os.path.realpath(root)) for root in settings.getlist("ingest", "move_roots")]
 
-    def upload(self, read: Callable[[int], bytes], length: int | None) -> dict:
-        """Stream a bundle to the staging volume as a new job and enqueue it; returns the state."""
+    def upload(self, read: Callable[[int], bytes], length: int | None, identity: Identity = OPEN) -> dict:
+        """Stream a bundle to the staging volume as a new job of ``identity`` and enqueue it; returns the state."""
         if length is not None and length > self.max_bundle_bytes:
             raise PayloadTooLarge(f"bundle of {length} bytes is larger than the limit of {self.max_bundle_bytes}")
         job_id = self.metadata.getid("upload_job", 1)
-        jobs.create(job_id, kind="upload")
-        try:
-            self.staging.receive(job_id, read, self.max_bundle_bytes, expected=length)
-        except LabvaultError as exc:
-            self._fail_upload(job_id, exc)
-            raise
-        except Exception as exc:  # noqa: BLE001 - a client that went away mid-body
-            error = LabvaultError(f"the upload stopped before the whole body arrived ({type(exc).__name__})",
-                                  code="upload_interrupted", status=400)
-            self._fail_upload(job_id, error)
-            raise error from None
+        jobs.create(job_id, kind="upload", owner=identity.user)
+        self._stage(job_id, lambda: self.staging.receive(job_id, read, self.max_bundle_bytes, expected=length))
         return self._start(job_id)
 
-    def move(self, document) -> dict:
+    def move(self, document, identity: Identity = OPEN) -> dict:
         """Accept a metadata list whose Files carry server-local ``source`` paths."""
         document = check_document(document)
         for entry in document:
             if entry.get("destinationTable") == "Files" and isinstance(entry.get("source"), str):
                 self._check_move_source(entry["source"])
         job_id = self.metadata.getid("upload_job", 1)
-        jobs.create(job_id, kind="move")
+        jobs.create(job_id, kind="move", owner=identity.user)
         raw = json.dumps(document).encode("utf-8")
-        self.staging.receive(job_id, io.BytesIO(raw).read, len(raw), suffix=".json")
+        self._stage(job_id, lambda: self.staging.receive(job_id, io.BytesIO(raw).read, len(raw), suffix=".json"))
         return self._start(job_id)
 
-    def state(self, job_id: int) -> dict:
-        return jobs.state_json(jobs.get(job_id))
+    def state(self, job_id: int, identity: Identity = OPEN) -> dict:
+        """The job's state; a job ``identity`` may not see does not exist for it (404)."""
+        job = jobs.get(job_id)
+        if not identity.may_see(job.owner):
+            raise NotFound(f"no job {job_id}", code="job_not_found")
+        return jobs.state_json(job)
 
     def _check_move_source(self, source: str) -> None:
         if not self.move_roots:
@@ -68,6 +70,23 @@ class IngestService:
         if not any(resolved == root or root in resolved.parents for root in self.move_roots):
             raise LabvaultError(f"source {source[:200]!r} is not under an allowed move root",
                                 code="path_not_allowed", status=403)
+
+    def _stage(self, job_id: int, receive: Callable[[], int]) -> None:
+        """Run ``receive``; if it fails, the job is FAILED at UPLOADING with its code, and it raises.
+
+        Staging sorts out its own failures (413, ``upload_interrupted``,
+        ``insufficient_storage``, ``staging_unavailable``) and removes what it wrote.
+        """
+        try:
+            receive()
+        except LabvaultError as exc:
+            self._fail_upload(job_id, exc)
+            raise
+        except Exception:
+            logger.exception("job %s: staging the upload failed", job_id)
+            error = LabvaultError("the upload could not be staged; the service log has the details")
+            self._fail_upload(job_id, error)
+            raise error from None
 
     def _start(self, job_id: int) -> dict:
         try:
@@ -90,3 +109,52 @@ def parse_length(header: str | None) -> int | None:
     if not header.strip().isdigit():
         raise BadRequest("Content-Length must be a whole number", code="invalid_content_length")
     return int(header)
+
+
+# -- archive files of failed jobs -------------------------------------------------------
+
+def remove_archive_files(archive: ArchiveClient, staging: Staging, job_id: int, file_ids: Iterable[int]) -> list[int]:
+    """Delete a failed job's archive files; returns the ids left for the sweeper.
+
+    Absent files are fine (the job may have failed before writing them). Once the
+    archive is unavailable (its retries spent) the rest are not tried one by one: they
+    are recorded with ``Staging.defer_deletes`` for ``sweep_pending_deletes``.
+    """
+    ids = [int(file_id) for file_id in file_ids]
+    for position, file_id in enumerate(ids):
+        try:
+            archive.delete(file_id)
+        except ServiceUnavailable as exc:
+            left = ids[position:]
+            logger.error("job %s: archive unavailable while removing its files (%s); %d left for the sweeper",
+                         job_id, exc.code, len(left))
+            staging.defer_deletes(job_id, left)
+            return left
+        except LabvaultError as exc:
+            logger.error("job %s: could not remove archive file %s: %s", job_id, file_id, exc.as_exception_text())
+    return []
+
+
+def sweep_pending_deletes(staging: Staging, archive: ArchiveClient) -> int:
+    """Finish the deletions ``remove_archive_files`` had to leave; returns how many files went.
+
+    Cheap when there is nothing to do (one directory listing), safe to run in several
+    processes at once (a second DELETE of a file is a 404, which counts as done), and it
+    stops at the first sign that the archive is still down, keeping what is left.
+    """
+    removed = 0
+    for job_id, file_ids in staging.pending_deletes().items():
+        for position, file_id in enumerate(file_ids):
+            try:
+                removed += archive.delete(file_id, retries=0)
+            except ServiceUnavailable:
+                staging.defer_deletes(job_id, file_ids[position:])
+                logger.info("archive still unavailable; %d deletion(s) of job %s kept for later",
+                            len(file_ids) - position, job_id)
+                return removed
+            except LabvaultError as exc:
+                logger.error("job %s: could not remove archive file %s: %s", job_id, file_id,
+                             exc.as_exception_text())
+        staging.defer_deletes(job_id, [])
+        logger.info("job %s: pending archive deletions done", job_id)
+    return removed

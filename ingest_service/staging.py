@@ -1,13 +1,23 @@
-"""The staging volume: where uploaded bundles (and /move documents) wait for their job."""
+"""The staging volume: where uploaded bundles (and /move documents) wait for their job, and
+where archive deletions a failed job could not make wait for the archive to come back.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
-from common.errors import LabvaultError, PayloadTooLarge
+from common.errors import InsufficientStorage, LabvaultError, PayloadTooLarge
+
+logger = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+PENDING_DELETES = "pending-deletes"
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class Staging:
@@ -25,29 +35,44 @@ class Staging:
         """Stream ``read`` into ``<job_id><suffix>`` in chunks; returns the byte count.
 
         The bytes land under a ``.part`` name and are renamed once complete, so a
-        staged bundle is always whole. Over ``limit`` bytes raises 413 and removes
-        what was written; so does any error while reading, or a body that ends
-        before its declared ``expected`` length (the client went away).
+        staged bundle is always whole. Whatever goes wrong, what was written is
+        removed: over ``limit`` bytes is 413; a ``read`` that fails, or a body that
+        ends before its declared ``expected`` length, is ``upload_interrupted`` (the
+        client went away); a full staging volume is 507 ``insufficient_storage``; any
+        other failure of the volume is 503 ``staging_unavailable``. Messages never name
+        server paths.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{int(job_id)}{suffix}"
         part = final.with_name(final.name + ".part")
         total = 0
+        with _disk_errors():
+            self.root.mkdir(parents=True, exist_ok=True)
+            # Unbuffered: a buffered file would retry its failed write when closed and
+            # raise again, over the error already on its way.
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            with open(part, "wb") as handle:
+            try:
                 while True:
-                    chunk = read(CHUNK)
+                    try:
+                        chunk = read(CHUNK)
+                    except Exception as exc:  # noqa: BLE001 - the client side of the body failed
+                        raise UploadInterrupted(f"the upload stopped after {total} bytes "
+                                                f"({type(exc).__name__})") from None
                     if not chunk:
                         break
                     total += len(chunk)
                     if total > limit:
                         raise PayloadTooLarge(f"bundle larger than the limit of {limit} bytes")
-                    handle.write(chunk)
+                    with _disk_errors():
+                        _write_all(fd, chunk)
                 if expected is not None and total != expected:
                     raise UploadInterrupted(f"the upload stopped after {total} of {expected} bytes")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(part, final)
+                with _disk_errors():
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            with _disk_errors():
+                os.replace(part, final)
         except BaseException:
             part.unlink(missing_ok=True)
             raise
@@ -59,6 +84,79 @@ class Staging:
             for candidate in (path, path.with_name(path.name + ".part")):
                 candidate.unlink(missing_ok=True)
 
+    # -- archive deletions that have to wait ------------------------------------------
+
+    @property
+    def pending_dir(self) -> Path:
+        return self.root / PENDING_DELETES
+
+    def defer_deletes(self, job_id: int, file_ids: Iterable[int]) -> bool:
+        """Record archive files of ``job_id`` that must go but could not (the archive was down);
+        no ids clears the record. False (and the ids in the log) when it cannot be written.
+
+        One small JSON file per job on the staging volume, which the ingest service and
+        every worker share; ``ingest_service.services.sweep_pending_deletes`` finishes the
+        work. Written whole (temporary name, then rename), so a sweep never reads half a
+        record. Never raises: it runs on a job's failure path, which must still end the job.
+        """
+        ids = sorted({int(file_id) for file_id in file_ids})
+        record = self.pending_dir / f"{int(job_id)}.json"
+        tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+        try:
+            if not ids:
+                record.unlink(missing_ok=True)
+                return True
+            self.pending_dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"job_id": int(job_id), "file_ids": ids}), encoding="utf-8")
+            os.replace(tmp, record)
+        except OSError as exc:
+            logger.error("job %s: cannot record pending archive deletions (%s); remove by hand: %s",
+                         job_id, exc, ids)
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        logger.warning("job %s: %d archive file(s) left for the sweeper", job_id, len(ids))
+        return True
+
+    def pending_deletes(self) -> dict[int, list[int]]:
+        """Every recorded deletion: job id -> file ids still to remove."""
+        pending: dict[int, list[int]] = {}
+        if not self.pending_dir.is_dir():
+            return pending
+        for record in sorted(self.pending_dir.glob("*.json")):
+            try:
+                body = json.loads(record.read_text(encoding="utf-8"))
+                pending[int(body["job_id"])] = [int(file_id) for file_id in body["file_ids"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                logger.error("unreadable pending-delete record %s; left for an operator", record.name)
+        return pending
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+@contextlib.contextmanager
+def _disk_errors() -> Iterator[None]:
+    """Turn an ``OSError`` of the staging volume into a client-safe error (no path in it)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL:
+            logger.error("staging volume full: %s", exc)
+            raise InsufficientStorage("the staging volume is full; try again later") from None
+        logger.error("staging volume failed: %s", exc)
+        reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        raise StagingUnavailable(f"the staging volume failed ({reason}); try again later") from None
+
 
 class UploadInterrupted(LabvaultError):
     status, code = 400, "upload_interrupted"
+
+
+class StagingUnavailable(LabvaultError):
+    status, code = 503, "staging_unavailable"
+    retry_after = 5

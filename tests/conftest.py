@@ -1,7 +1,7 @@
 """Fixtures shared by the integration and end-to-end tests."""
 import pytest
 
-from tests.helpers import FIXTURES, Stack
+from tests.helpers import Stack, seeded
 from tests.servers import require_postgres, require_rabbitmq, require_uwsgi
 
 
@@ -22,10 +22,5 @@ def stack(request, tmp_path_factory):
         kind = Stack
     root = tmp_path_factory.mktemp(f"stack-{request.param}")
     (root / "movable").mkdir()
-    running = kind(root, ingest={"move_roots": str(root / "movable")})
-    running.start()
-    try:
-        running.cli("seed", str(FIXTURES / "metadata-seed"))
+    with seeded(kind(root, ingest={"move_roots": str(root / "movable")})) as running:
         yield running
-    finally:
-        running.stop()

@@ -198,3 +198,14 @@ class Stack(StackBase):
                 self.process.wait()
         if getattr(self, "log", None):
             self.log.close()
+
+
+@contextlib.contextmanager
+def seeded(stack):
+    """Start ``stack``, load the Pacifica seed into it, yield it; stop it afterwards."""
+    stack.start()
+    try:
+        stack.cli("seed", str(FIXTURES / "metadata-seed"))
+        yield stack
+    finally:
+        stack.stop()

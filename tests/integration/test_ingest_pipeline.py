@@ -1,13 +1,18 @@
-"""The pipeline called directly (as the task does) against the stack's real services."""
+"""The pipeline called directly (as the task does) against the stack's real services; the
+claim that keeps two runs of a job apart; the reaper that ends what nobody runs."""
+import datetime
 import hashlib
 import json
 import os
+import threading
 
 import pytest
 
 from common import migrations
-from common.db import bind
-from ingest_service import jobs, models, pipeline
+from common.celery_app import RetryLater
+from common.db import bind, open_database, utcnow
+from ingest_service import jobs, models, pipeline, reaper, tasks
+from ingest_service.models import Job
 from tests.helpers import make_settings, make_tar
 
 
@@ -104,3 +109,102 @@ def test_a_job_past_its_time_limit_fails_with_its_own_code_and_is_cleaned_up(con
     file_id = jobs.get(job_id).file_id_start
     assert context.archive.head(file_id) is None
     assert not context.staging.bundle_path(job_id).exists()
+
+
+# -- claims and the reaper ------------------------------------------------------------
+
+def service_urls(stack) -> dict:
+    return {name: {"url": stack.url(name)} for name in ("metadata", "policy", "archive")}
+
+
+@pytest.fixture
+def task_settings(stack, tmp_path):
+    """Settings for calling the Celery task function itself, as a worker does."""
+    settings = make_settings(tmp_path, ingest={"progress_interval": "0"}, **service_urls(stack))
+    database = open_database(settings.database_url("ingest"))
+    migrations.sync(database, models.SCHEMA)
+    database.close()
+    return settings
+
+
+def test_two_runs_of_one_job_at_once_only_one_does_the_work(task_settings, monkeypatch):
+    context = tasks.context_for(task_settings)
+    job_id = stage_job(context, [("a.txt", b"alpha"), ("b.txt", b"beta")])
+    inside, go_on = threading.Event(), threading.Event()
+    real_check = context.policy.check_ingest
+
+    def slow_check(document, uploader=None):
+        inside.set()
+        assert go_on.wait(30)
+        return real_check(document, uploader)
+    monkeypatch.setattr(context.policy, "check_ingest", slow_check)
+    outcomes = {}
+
+    def run(name):
+        try:
+            outcomes[name] = tasks.process_job(task_settings, job_id)
+        except RetryLater as later:
+            outcomes[name] = later
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    try:
+        assert inside.wait(30), "the first run did not reach Policy Validation"
+        second = threading.Thread(target=run, args=("second",))
+        second.start()
+        second.join(30)
+    finally:
+        go_on.set()
+        first.join(60)
+    assert outcomes["first"] == "OK"
+    # The first run's claim is fresh: the second comes back once it would be stale.
+    later = outcomes["second"]
+    assert isinstance(later, RetryLater) and 100 < later.countdown <= 121, later
+    job = jobs.get(job_id)
+    assert (job.attempts, job.claimed_by) == (1, None)
+    assert len(context.metadata.query("files", transaction=job_id)) == 2
+
+
+def lose_run(job_id: int, attempts: int) -> None:
+    """What a worker lost an hour ago leaves on the job row."""
+    long_ago = utcnow() - datetime.timedelta(hours=1)
+    (Job.update(attempts=attempts, claimed_by="lost-host:1:abc", heartbeat=long_ago, updated=long_ago)
+     .where(Job.job_id == job_id).execute())
+
+
+def test_the_reaper_ends_a_job_out_of_attempts_and_removes_what_it_wrote(context):
+    job_id = stage_job(context, [("a.txt", b"alpha"), ("b.txt", b"beta")])
+    # The last of three runs was lost in `ingest files`, after its files were archived.
+    run = pipeline.JobRun(context, jobs.get(job_id))
+    run._ingest_files(run._open_bundle())
+    run.tar.close()
+    file_ids = sorted(run.file_ids.values())
+    assert all(context.archive.head(file_id) for file_id in file_ids)
+    lose_run(job_id, attempts=3)
+
+    enqueued = []
+    reaped = reaper.reap(context, enqueued.append)
+    assert [str(entry) for entry in reaped] == [
+        f"job {job_id}: failed (at 'ingest files': worker_lost: the job stopped 3 times without finishing)"]
+    assert enqueued == []
+    state = jobs.state_json(jobs.get(job_id))
+    assert (state["state"], state["task"], state["complete"]) == ("FAILED", "ingest files", True)
+    assert state["exception"] == "worker_lost: the job stopped 3 times without finishing"
+    assert jobs.get(job_id).claimed_by is None
+    assert [context.archive.head(file_id) for file_id in file_ids] == [None, None]
+    assert not context.staging.bundle_path(job_id).exists()
+    assert context.metadata.query("files", transaction=job_id) == []
+
+
+def test_the_reaper_re_drives_a_lost_run_and_the_job_completes_once(context):
+    job_id = stage_job(context, [("a.txt", b"alpha")])
+    jobs.set_state(job_id, jobs.OK, jobs.INGEST_FILES, 40)
+    lose_run(job_id, attempts=1)
+    enqueued = []
+    reaped = reaper.reap(context, enqueued.append)
+    assert [(entry.job_id, entry.action) for entry in reaped] == [(job_id, reaper.REQUEUED)]
+    assert enqueued == [job_id]
+    assert reaper.reap(context, enqueued.append) == []  # just re-driven: it gets a stale period to start
+    assert pipeline.process_job(context, job_id) == "OK"
+    job = jobs.get(job_id)
+    assert (job.attempts, job.claimed_by) == (2, None)
+    assert len(context.metadata.query("files", transaction=job_id)) == 1

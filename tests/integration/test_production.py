@@ -6,11 +6,16 @@ fixture (tests/conftest.py); these tests need a stack of their own, because they
 restart the broker and kill workers.
 """
 import configparser
+import contextlib
+import datetime
 import hashlib
 import importlib.util
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,8 +24,10 @@ import pytest
 import requests
 
 from common import bundles
+from common.db import close_all, open_database, utcnow
 from common.settings import Settings
-from tests.helpers import FIXTURES, REPO, payload_bundle, wait_for
+from ingest_service.models import Job
+from tests.helpers import FIXTURES, REPO, env_for, payload_bundle, wait_for
 from tests.servers import (
     existing_databases,
     existing_vhosts,
@@ -70,7 +77,10 @@ def fresh(tmp_path_factory):
     require_rabbitmq()
     require_uwsgi()
     from tests.production import ProductionStack
-    running = ProductionStack(tmp_path_factory.mktemp("production"), workers=2)
+    # Quick heartbeats: a job whose worker was killed is taken over by the run its redelivered
+    # message starts once the dead run's claim is stale (3 s), not after the default 120 s.
+    running = ProductionStack(tmp_path_factory.mktemp("production"), workers=2,
+                              ingest={"heartbeat_interval": "0.5", "heartbeat_stale": "3", "reap_interval": "0.5"})
     running.start()
     try:
         running.cli("seed", str(FIXTURES / "metadata-seed"))
@@ -245,6 +255,39 @@ def test_a_worker_killed_in_the_middle_of_ingest_files_hands_the_job_over(fresh,
         bundle.unlink(missing_ok=True)
         while len(fresh.worker_pids()) < 2:
             fresh.start_worker()
+
+
+def test_beat_sends_the_reaper_which_re_drives_a_job_whose_message_was_lost(fresh):
+    """A bundle accepted and staged, its message never published: `labvault beat` ends it."""
+    payload = unique_payload("lost")
+    job_id = requests.get(f"{fresh.url('metadata')}/getid", params={"range": 1, "mode": "upload_job"},
+                          timeout=10).json()["startIndex"]
+    long_ago = utcnow() - datetime.timedelta(hours=1)
+    database = open_database(fresh.settings.database_url("ingest"))
+    try:
+        with database.bind_ctx([Job]):
+            Job.create(job_id=job_id, created=long_ago, updated=long_ago)
+    finally:
+        close_all(database)
+    staging = fresh.settings.path("ingest", "staging_dir")
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / f"{job_id}.tar").write_bytes(payload_bundle(payload))
+    with open(fresh.log_dir / "beat.log", "ab") as log:
+        beat = subprocess.Popen([sys.executable, "-m", "common.cli", "beat"], env=env_for(fresh.settings),
+                                cwd=fresh.data_dir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        final = fresh.wait_job(job_id, timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(beat.pid, signal.SIGTERM)
+        try:
+            beat.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(beat.pid, signal.SIGKILL)
+            beat.wait()
+    assert_ingested_once(fresh, [final], [payload])
+    assert "Sending due task reap-jobs (ingest.reap_jobs)" in (fresh.log_dir / "beat.log").read_text()
 
 
 def test_stop_leaves_no_process_database_or_vhost(tmp_path):

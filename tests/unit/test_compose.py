@@ -35,8 +35,15 @@ def uwsgi_ini(name: str) -> configparser.ConfigParser:
 
 
 def test_the_production_stack_is_all_there():
-    expected = {"rabbitmq", "postgres", "s3", "migrate", *LABVAULT_SERVICES, "ingest-worker", "stats-worker"}
+    expected = {"rabbitmq", "postgres", "s3", "migrate", *LABVAULT_SERVICES, "ingest-worker", "stats-worker", "beat"}
     assert expected <= set(SERVICES)
+
+
+def test_exactly_one_beat_sends_the_periodic_tasks():
+    senders = [name for name, service in SERVICES.items()
+               if command_of(service)[:2] == ["labvault", "beat"] or "--beat" in command_of(service)]
+    assert senders == ["beat"]
+    assert SERVICES["beat"].get("deploy", {}).get("replicas", 1) == 1
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))

@@ -98,8 +98,9 @@ SERVICE_TABLES = {
                  "project_instrument", "instrument_user", "transactions", "files", "keys", "values",
                  "trans_key_value", "file_key_value", "id_counter"},
     "archive": {"archive_file"},
-    "ingest": {"ingest_job"},
+    "ingest": {"ingest_job", "ingest_api_token"},
 }
+SERVICE_VERSIONS = {"metadata": (1, 0), "archive": (1, 0), "ingest": (1, 1)}
 
 
 def labvault(tmp_path, urls, *args):
@@ -129,4 +130,4 @@ def test_dbsync_and_dbchk_on_empty_postgresql_databases(tmp_path):
                 assert set(database.get_tables()) == tables | {"labvault_schema_version"}
                 versions = database.execute_sql(
                     "SELECT component, major, minor FROM labvault_schema_version").fetchall()
-            assert versions == [(service, 1, 0)]
+            assert versions == [(service, *SERVICE_VERSIONS[service])]
