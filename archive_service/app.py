@@ -107,7 +107,8 @@ def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Applica
     """The archive's CherryPy application; refuses to build on a schema of another major version."""
     db = migrations.bind_service(models.database, settings.database_url("archive"), models.SCHEMA, check_schema)
     archive = Archive(make_storage(settings), settings.getlist("archive", "patch_roots"))
-    return make_application(ArchiveRoot(archive), db=db)
+    return make_application(ArchiveRoot(archive), db=db,
+                            service_token=settings.service_token)
 
 
 def _required_id(file_id) -> int:

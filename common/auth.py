@@ -28,6 +28,8 @@ from common.settings import Settings, SettingsError
 logger = logging.getLogger(__name__)
 
 MODES = ("open", "token", "proxy")
+# The header services send each other the shared [auth] service_token in.
+SERVICE_TOKEN_HEADER = "X-Labvault-Service-Token"
 TOKEN_PREFIX = "lv_"
 
 

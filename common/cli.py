@@ -203,7 +203,7 @@ def cmd_ingest(args, settings: Settings) -> int:
     path = Path(args.path)
     if not path.is_file():
         raise CommandError(f"{path} is not a file")
-    client = IngestClient(settings, base_url=args.url)
+    client = IngestClient(settings, base_url=args.url, token=args.token or os.environ.get("LABVAULT_TOKEN"))
     size = path.stat().st_size
     bar = ProgressBar(size, sys.stderr)
 
@@ -358,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("path")
     ingest.add_argument("--url", help="ingest service URL (default: from settings)")
     ingest.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 1 if it failed")
+    ingest.add_argument("--token", help="API token when the service runs in token mode (default: $LABVAULT_TOKEN)")
     ingest.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits at most")
     return parser
 

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import requests
 
+from common.auth import SERVICE_TOKEN_HEADER
 from common.errors import LabvaultError, ServiceUnavailable
 from common.settings import Settings
 
@@ -35,6 +36,8 @@ class ServiceClient:
     """Base for the per-service clients: base URL, timeouts, retries, error mapping."""
 
     service = ""
+    # Internal services get the shared service token ([auth] service_token) on every call.
+    internal = True
 
     def __init__(self, settings: Settings, session: requests.Session | None = None,
                  base_url: str | None = None):
@@ -43,6 +46,8 @@ class ServiceClient:
         self.retries = settings.getint("http", "retries")
         self.backoff = settings.getfloat("http", "backoff")
         self.session = session or make_session()
+        token = settings.service_token if self.internal else ""
+        self.headers = {SERVICE_TOKEN_HEADER: token} if token else {}
 
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"
@@ -54,6 +59,8 @@ class ServiceClient:
         ``body_factory`` makes a fresh body for each attempt (streams cannot be resent).
         """
         kwargs.setdefault("timeout", self.timeout)
+        if self.headers:
+            kwargs["headers"] = {**self.headers, **(kwargs.get("headers") or {})}
         attempts = 1 + (self.retries if retries is None else retries)
         last_problem = ""
         for attempt in range(attempts):
@@ -170,6 +177,13 @@ class ArchiveClient(ServiceClient):
 
 class IngestClient(ServiceClient):
     service = "ingest"
+    internal = False  # the public service: never sent the service token
+
+    def __init__(self, settings: Settings, session: requests.Session | None = None,
+                 base_url: str | None = None, token: str | None = None):
+        super().__init__(settings, session, base_url)
+        if token:
+            self.headers = {"Authorization": f"Bearer {token}"}
 
     def upload(self, open_stream: Callable[[], BinaryIO], path: str = "/ingest") -> dict:
         return self.request("POST", path, body_factory=open_stream, retries=0,

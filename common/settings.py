@@ -112,6 +112,11 @@ class Settings:
             url = f"http://127.0.0.1:{self.getint(service, 'port')}"
         return url.rstrip("/")
 
+    @property
+    def service_token(self) -> str:
+        """The shared secret between the services ([auth] service_token); empty when not required."""
+        return self.get("auth", "service_token", "").strip()
+
     def database_url(self, service: str) -> str:
         return self.get(service, "database")
 

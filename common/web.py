@@ -21,6 +21,7 @@ import cherrypy
 import peewee
 from playhouse.pool import MaxConnectionsExceeded
 
+from common.auth import SERVICE_TOKEN_HEADER, same_secret
 from common.db import release
 from common.errors import (
     BadRequest,
@@ -239,9 +240,34 @@ class DatabaseTool(cherrypy.Tool):
 cherrypy.tools.labvault_db = DatabaseTool()
 
 
-def make_application(root, db=None, extra: dict | None = None) -> cherrypy.Application:
-    """A CherryPy application for ``root`` with the config every service shares."""
-    return cherrypy.Application(root, "", app_config(db, extra))
+def require_service_token(token: str = "") -> None:
+    """Refuse (401 ``service_token_required``) a request without the shared service token.
+
+    The health answer (``GET /``) stays open for load balancers and healthchecks.
+    """
+    request = cherrypy.serving.request
+    if not token or (request.path_info == "/" and request.method in ("GET", "HEAD")):
+        return
+    if not same_secret(request.headers.get(SERVICE_TOKEN_HEADER, ""), token):
+        drain(request.rfile)  # an unread body would otherwise be read whole by the server
+        raise LabvaultError(f"this service answers other labvault services only ({SERVICE_TOKEN_HEADER})",
+                            code="service_token_required", status=401)
+
+
+cherrypy.tools.labvault_service_token = cherrypy.Tool("before_handler", require_service_token, priority=10)
+
+
+def make_application(root, db=None, extra: dict | None = None, service_token: str = "") -> cherrypy.Application:
+    """A CherryPy application for ``root`` with the config every service shares.
+
+    ``service_token``: when set, every request but the health answer must carry it
+    (the internal services: metadata, archive, policy).
+    """
+    config = app_config(db, extra)
+    if service_token:
+        config["/"].update({"tools.labvault_service_token.on": True,
+                            "tools.labvault_service_token.token": service_token})
+    return cherrypy.Application(root, "", config)
 
 
 def app_config(db=None, extra: dict | None = None) -> dict:

@@ -69,4 +69,4 @@ class Root(HealthMixin):
 def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Application:
     """The metadata WSGI application; refuses (SchemaMismatch) a database not synced to SCHEMA."""
     db = migrations.bind_service(database, settings.database_url("metadata"), SCHEMA, check_schema)
-    return make_application(Root(), db=db)
+    return make_application(Root(), db=db, service_token=settings.service_token)

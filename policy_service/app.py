@@ -54,4 +54,4 @@ class PolicyRoot(HealthMixin):
 
 def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Application:
     """The policy application; it owns no database, so ``check_schema`` is accepted and ignored."""
-    return make_application(PolicyRoot(MetadataClient(settings)))
+    return make_application(PolicyRoot(MetadataClient(settings)), service_token=settings.service_token)
