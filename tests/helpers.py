@@ -209,3 +209,25 @@ def seeded(stack):
         yield stack
     finally:
         stack.stop()
+
+
+def large_bundle(folder: Path, mib_per_file: int, files: int = 6) -> tuple[Path, dict[str, str]]:
+    """A bundle of ``files`` random files of ``mib_per_file`` MiB under ``folder``.
+
+    Returns its path and the expected ``{"subdir/name": sha1}``; the source files are
+    removed again (only the bundle is kept).
+    """
+    from common import bundles
+    source = Path(folder) / "source"
+    for n in range(files):
+        subdir = source / f"run{n % 2}"
+        subdir.mkdir(parents=True, exist_ok=True)
+        with open(subdir / f"frame{n}.raw", "wb") as handle:
+            handle.writelines(os.urandom(1024 * 1024) for _ in range(mib_per_file))
+    described = bundles.describe_tree(source)
+    bundle = Path(folder) / "big.tar"
+    bundles.write_bundle(bundle, described,
+                         bundles.build_metadata(10, "1234a", 54, [entry for _, entry in described]))
+    for path, _ in described:
+        path.unlink()
+    return bundle, {f"{entry['subdir']}/{entry['name']}": entry["hashsum"] for _, entry in described}

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from common import bundles
 from common.db import open_database, utcnow
 from ingest_service.models import Job
-from tests.helpers import FIXTURES, Stack, fixture_bundle, wait_for
+from tests.helpers import Stack, fixture_bundle, large_bundle, seeded, wait_for
 
 OK_END = ("OK", "ingest metadata", "100", True)
 # Small enough that a lost run is re-driven within seconds, large enough that a live
@@ -26,32 +25,14 @@ RECOVERY = {"heartbeat_interval": "0.2", "heartbeat_stale": "2", "reap_interval"
 @pytest.fixture(scope="module")
 def big_bundle(tmp_path_factory):
     """150 MB in six files: long enough in `ingest files` to kill the worker half-way."""
-    root = tmp_path_factory.mktemp("big")
-    source = root / "source"
-    for n in range(6):
-        folder = source / f"run{n % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"frame{n}.raw", "wb") as handle:
-            handle.writelines(os.urandom(1024 * 1024) for _ in range(25))
-    files = bundles.describe_tree(source)
-    bundle = root / "big.tar"
-    bundles.write_bundle(bundle, files, bundles.build_metadata(10, "1234a", 54, [entry for _, entry in files]))
-    expected = {f"{entry['subdir']}/{entry['name']}": entry["hashsum"] for _, entry in files}
-    for path, _ in files:
-        path.unlink()
-    return bundle, expected
+    return large_bundle(tmp_path_factory.mktemp("big"), 25)
 
 
 @pytest.fixture(scope="module")
 def recovering(tmp_path_factory):
     """``labvault up`` of its own (the test kills its worker), with quick heartbeats and reaper."""
-    running = Stack(tmp_path_factory.mktemp("recovering"), ingest=RECOVERY)
-    running.start()
-    try:
-        running.cli("seed", str(FIXTURES / "metadata-seed"))
+    with seeded(Stack(tmp_path_factory.mktemp("recovering"), ingest=RECOVERY)) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def post_file(stack, path: Path) -> int:

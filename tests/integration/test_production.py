@@ -23,11 +23,10 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from common import bundles
 from common.db import close_all, open_database, utcnow
 from common.settings import Settings
 from ingest_service.models import Job
-from tests.helpers import FIXTURES, REPO, env_for, payload_bundle, wait_for
+from tests.helpers import REPO, env_for, large_bundle, payload_bundle, seeded, wait_for
 from tests.servers import (
     existing_databases,
     existing_vhosts,
@@ -81,12 +80,8 @@ def fresh(tmp_path_factory):
     # message starts once the dead run's claim is stale (3 s), not after the default 120 s.
     running = ProductionStack(tmp_path_factory.mktemp("production"), workers=2,
                               ingest={"heartbeat_interval": "0.5", "heartbeat_stale": "3", "reap_interval": "0.5"})
-    running.start()
-    try:
-        running.cli("seed", str(FIXTURES / "metadata-seed"))
+    with seeded(running):
         yield running
-    finally:
-        running.stop()
 
 
 def metadata_files(stack, job_id: int) -> list[dict]:
@@ -209,18 +204,7 @@ def test_workers_and_enqueue_survive_a_rabbitmq_restart(fresh):
 def test_a_worker_killed_in_the_middle_of_ingest_files_hands_the_job_over(fresh, tmp_path):
     # ~240 MB in six files: the transfer lasts long enough (about a second here) to
     # catch the job with some of its files archived and some not.
-    source = tmp_path / "big"
-    for n in range(6):
-        folder = source / f"run{n % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"frame{n}.raw", "wb") as handle:
-            handle.writelines(os.urandom(1024 * 1024) for _ in range(40))
-    files = bundles.describe_tree(source)
-    bundle = tmp_path / "big.tar"
-    bundles.write_bundle(bundle, files, bundles.build_metadata(10, "1234a", 54, [entry for _, entry in files]))
-    expected = {f"{entry['subdir']}/{entry['name']}": entry["hashsum"] for _, entry in files}
-    for path, _ in files:
-        path.unlink()
+    bundle, expected = large_bundle(tmp_path, 40)
 
     with open(bundle, "rb") as body:
         response = requests.post(fresh.url("ingest") + "/ingest", data=body, timeout=120,
