@@ -161,6 +161,14 @@ def handle_error() -> None:
     _error_response(as_labvault_error(sys.exc_info()[1], f"{request.method} {request.path_info}"))
 
 
+def wsgi_json(start_response, status: int, body, headers=(), with_body: bool = True) -> list[bytes]:
+    """Answer ``body`` as JSON from a plain WSGI layer (the JSON CherryPy handlers send)."""
+    payload = dumps(body).encode("utf-8")
+    start_response(status_line(status), [("Content-Type", "application/json"),
+                                         ("Content-Length", str(len(payload))), *headers])
+    return [payload if with_body else b""]
+
+
 class JsonErrors:
     """WSGI middleware: an exception escaping a plain WSGI layer (the ingest service's
     ``get_state`` fast path) still answers the JSON error shape, not the server's 500 page.
@@ -186,11 +194,7 @@ class JsonErrors:
             if started:
                 raise
             error = as_labvault_error(exc, f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}")
-            payload = dumps(error.to_dict()).encode("utf-8")
-            start_response(status_line(error.status),
-                           [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
-                           + error_headers(error))
-            return [payload]
+            return wsgi_json(start_response, error.status, error.to_dict(), error_headers(error))
 
 
 def outermost(application):

@@ -9,18 +9,18 @@ from common import migrations
 from common.celery_app import enqueue, make_celery
 from common.clients import MetadataClient
 from common.db import request_connection
-from common.errors import BadRequest, LabvaultError, PayloadTooLarge, status_line
+from common.errors import BadRequest, LabvaultError, PayloadTooLarge
 from common.settings import Settings
 from common.web import (
     HealthMixin,
     as_labvault_error,
     drain,
-    dumps,
     error_headers,
     int_param,
     json_body,
     make_application,
     read_json,
+    wsgi_json,
 )
 from ingest_service import models
 from ingest_service.identity import Identities
@@ -97,17 +97,13 @@ class StateEndpoint:
             job_id = int_param("job_id", raw)
             with request_connection(self.database):
                 identity = self.identities.identify(EnvironHeaders(environ), environ.get("REMOTE_ADDR", ""))
-                status, body = 200, self.service.state(job_id, identity)
-            extra = []
+                status, body, headers = 200, self.service.state(job_id, identity), []
         except Exception as exc:  # noqa: BLE001 - every failure answers JSON, as CherryPy's do
             error = as_labvault_error(exc, f"GET {path}")
-            status, body, extra = error.status, error.to_dict(), error_headers(error)
-        payload = dumps(body).encode("utf-8")
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *extra]
-        if status == 405:
-            headers.append(("Allow", "GET, HEAD"))
-        start_response(status_line(status), headers)
-        return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else payload]
+            status, body, headers = error.status, error.to_dict(), error_headers(error)
+            if status == 405:
+                headers.append(("Allow", "GET, HEAD"))
+        return wsgi_json(start_response, status, body, headers, environ.get("REQUEST_METHOD") != "HEAD")
 
 
 class EnvironHeaders:

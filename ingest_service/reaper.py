@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import datetime
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from common.errors import LabvaultError
 from ingest_service import jobs, pipeline
 from ingest_service.models import Job
-from ingest_service.staging import Staging
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +55,8 @@ def reap(context: pipeline.IngestContext, enqueue: Callable[[int], None],
     done = []
     for job in jobs.quiet_since(cutoff):
         job_id = int(job.job_id)
-        if job.task == jobs.UPLOADING and not staged_whole(context.staging, job_id):
-            arriving = last_write(context.staging, job_id)
+        if job.task == jobs.UPLOADING and not context.staging.arrived_whole(job_id):
+            arriving = context.staging.last_write(job_id)
             if arriving is not None and arriving >= cutoff:
                 continue  # the body is still coming in
             entry = _end(context, job, jobs.UPLOADING, LabvaultError(
@@ -87,21 +86,3 @@ def _end(context: pipeline.IngestContext, job: Job, step: str, error: LabvaultEr
     finally:
         jobs.release(job_id, run_id)
     return Reaped(job_id, FAILED, f"at {step!r}: {error.as_exception_text()}")
-
-
-def staged_whole(staging: Staging, job_id: int) -> bool:
-    """Whether the bundle (or /move document) of a job arrived whole: it is renamed into place."""
-    return staging.bundle_path(job_id).is_file() or staging.document_path(job_id).is_file()
-
-
-def last_write(staging: Staging, job_id: int) -> datetime.datetime | None:
-    """When bytes of a job's unfinished upload (its ``.part`` file) last arrived, as naive UTC."""
-    times = []
-    for path in (staging.bundle_path(job_id), staging.document_path(job_id)):
-        try:
-            times.append(path.with_name(path.name + ".part").stat().st_mtime)
-        except OSError:
-            pass
-    if not times:
-        return None
-    return datetime.datetime.fromtimestamp(max(times), datetime.UTC).replace(tzinfo=None)

@@ -4,6 +4,7 @@ where archive deletions a failed job could not make wait for the archive to come
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import json
 import logging
@@ -30,6 +31,25 @@ class Staging:
     def document_path(self, job_id: int) -> Path:
         return self.root / f"{int(job_id)}.json"
 
+    @staticmethod
+    def part_path(path: Path) -> Path:
+        """Where the bytes of ``path`` land while they arrive (renamed to ``path`` when whole)."""
+        return path.with_name(path.name + ".part")
+
+    def arrived_whole(self, job_id: int) -> bool:
+        """Whether the bundle (or /move document) of a job arrived whole."""
+        return self.bundle_path(job_id).is_file() or self.document_path(job_id).is_file()
+
+    def last_write(self, job_id: int) -> datetime.datetime | None:
+        """When bytes of a job's unfinished upload last arrived (naive UTC), or None."""
+        times = []
+        for path in (self.bundle_path(job_id), self.document_path(job_id)):
+            with contextlib.suppress(OSError):
+                times.append(self.part_path(path).stat().st_mtime)
+        if not times:
+            return None
+        return datetime.datetime.fromtimestamp(max(times), datetime.UTC).replace(tzinfo=None)
+
     def receive(self, job_id: int, read: Callable[[int], bytes], limit: int,
                 suffix: str = ".tar", expected: int | None = None) -> int:
         """Stream ``read`` into ``<job_id><suffix>`` in chunks; returns the byte count.
@@ -43,7 +63,7 @@ class Staging:
         server paths.
         """
         final = self.root / f"{int(job_id)}{suffix}"
-        part = final.with_name(final.name + ".part")
+        part = self.part_path(final)
         total = 0
         with _disk_errors():
             self.root.mkdir(parents=True, exist_ok=True)
@@ -81,7 +101,7 @@ class Staging:
     def discard(self, job_id: int) -> None:
         """Remove everything staged for ``job_id`` (no error when nothing is there)."""
         for path in (self.bundle_path(job_id), self.document_path(job_id)):
-            for candidate in (path, path.with_name(path.name + ".part")):
+            for candidate in (path, self.part_path(path)):
                 candidate.unlink(missing_ok=True)
 
     # -- archive deletions that have to wait ------------------------------------------
