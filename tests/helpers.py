@@ -231,3 +231,24 @@ def large_bundle(folder: Path, mib_per_file: int, files: int = 6) -> tuple[Path,
     for path, _ in described:
         path.unlink()
     return bundle, {f"{entry['subdir']}/{entry['name']}": entry["hashsum"] for _, entry in described}
+
+
+def archive_sha1(stack, file_id: int) -> str:
+    """SHA-1 of an archived file, streamed back from the stack's archive service."""
+    import hashlib
+    digest = hashlib.sha1()
+    with requests.get(f"{stack.url('archive')}/{file_id}", stream=True, timeout=60) as response:
+        assert response.status_code == 200, response.text
+        for chunk in response.iter_content(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class NoBroker:
+    """Stands in for the Celery app where uploads must not (or need not) reach a queue; records sends."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_task(self, name, args, **_options):
+        self.sent.append((name, args))

@@ -3,7 +3,6 @@ killed in the middle of a transfer is started again and the reaper re-drives its
 a job whose worker keeps dying fails ``worker_lost`` and leaves nothing behind; and
 ``labvault reap`` settles what it finds, printing what it did.
 """
-import hashlib
 import os
 import signal
 from pathlib import Path
@@ -13,7 +12,14 @@ import requests
 
 from common.db import open_database, utcnow
 from ingest_service.models import Job
-from tests.helpers import Stack, fixture_bundle, large_bundle, seeded, wait_for
+from tests.helpers import (
+    Stack,
+    archive_sha1,
+    fixture_bundle,
+    large_bundle,
+    seeded,
+    wait_for,
+)
 
 OK_END = ("OK", "ingest metadata", "100", True)
 # Small enough that a lost run is re-driven within seconds, large enough that a live
@@ -70,15 +76,6 @@ def kill_worker_mid_transfer(stack, job_id: int, attempt: int) -> None:
     os.killpg(victim, signal.SIGKILL)
     assert stack.state(job_id)["complete"] is False
     wait_for(lambda: worker_pid(stack) != victim, timeout=30, message="labvault up to start a new worker")
-
-
-def archive_sha1(stack, file_id: int) -> str:
-    digest = hashlib.sha1()
-    with requests.get(f"{stack.url('archive')}/{file_id}", stream=True, timeout=60) as response:
-        assert response.status_code == 200, response.text
-        for chunk in response.iter_content(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def metadata_files(stack, job_id: int) -> list[dict]:

@@ -34,7 +34,16 @@ import requests
 from common.clients import ArchiveClient
 from ingest_service.services import sweep_pending_deletes
 from ingest_service.staging import Staging
-from tests.helpers import FIXTURES, REPO, StackBase, env_for, free_port, make_tar, payload_bundle, wait_for
+from tests.helpers import (
+    FIXTURES,
+    REPO,
+    StackBase,
+    env_for,
+    free_port,
+    make_tar,
+    payload_bundle,
+    wait_for,
+)
 
 # Short enough that a locked database answers 503 quickly; the archive's is longer so a test
 # can kill the archive while it waits on the lock (see test_archive_killed_mid_transfer...).

@@ -27,7 +27,7 @@ from common import migrations
 from common.db import bind, close_quietly
 from ingest_service import models
 from ingest_service.app import build_app
-from tests.helpers import make_settings, payload_bundle, serve_wsgi
+from tests.helpers import NoBroker, make_settings, payload_bundle, serve_wsgi
 from tests.servers import need
 
 SIZE = 2 * 1024 * 1024
@@ -67,14 +67,6 @@ def small_filesystem(where: Path):
     finally:
         if _run("umount", str(where)).returncode != 0:
             _run("umount", "-l", str(where))
-
-
-class NoBroker:
-    def __init__(self):
-        self.sent = []
-
-    def send_task(self, name, args, **_options):
-        self.sent.append((name, args))
 
 
 @pytest.fixture

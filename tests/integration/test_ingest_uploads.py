@@ -12,19 +12,9 @@ from common import migrations
 from common.db import bind
 from ingest_service import models
 from ingest_service.app import build_app
-from tests.helpers import make_settings, serve_wsgi, wait_for
+from tests.helpers import NoBroker, make_settings, serve_wsgi, wait_for
 
 LIMIT = 100_000
-
-
-class NoBroker:
-    """Stands in for the Celery app: these uploads never reach the queue, or record that they did."""
-
-    def __init__(self):
-        self.sent = []
-
-    def send_task(self, name, args, **_options):
-        self.sent.append((name, args))
 
 
 @pytest.fixture

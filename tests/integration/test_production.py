@@ -8,7 +8,6 @@ restart the broker and kill workers.
 import configparser
 import contextlib
 import datetime
-import hashlib
 import importlib.util
 import os
 import re
@@ -26,7 +25,15 @@ import requests
 from common.db import close_all, open_database, utcnow
 from common.settings import Settings
 from ingest_service.models import Job
-from tests.helpers import REPO, env_for, large_bundle, payload_bundle, seeded, wait_for
+from tests.helpers import (
+    REPO,
+    archive_sha1,
+    env_for,
+    large_bundle,
+    payload_bundle,
+    seeded,
+    wait_for,
+)
 from tests.servers import (
     existing_databases,
     existing_vhosts,
@@ -88,15 +95,6 @@ def metadata_files(stack, job_id: int) -> list[dict]:
     response = requests.get(f"{stack.url('metadata')}/files", params={"transaction": job_id}, timeout=10)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def archive_sha1(stack, file_id: int) -> str:
-    digest = hashlib.sha1()
-    with requests.get(f"{stack.url('archive')}/{file_id}", stream=True, timeout=60) as response:
-        assert response.status_code == 200, response.text
-        for chunk in response.iter_content(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def assert_ingested_once(stack, finals: list[dict], payloads: list[dict[str, bytes]]) -> None:

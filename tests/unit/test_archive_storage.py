@@ -5,7 +5,12 @@ import threading
 
 import pytest
 
-from archive_service.storage import AlreadyExists, PosixStorage, StoredStat, make_storage
+from archive_service.storage import (
+    AlreadyExists,
+    PosixStorage,
+    StoredStat,
+    make_storage,
+)
 from common.settings import SettingsError
 from tests.helpers import make_settings
 

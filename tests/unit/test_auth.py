@@ -3,7 +3,14 @@ import base64
 
 import pytest
 
-from common.auth import OPEN, Authenticator, Identity, Unauthorized, new_token, token_digest
+from common.auth import (
+    OPEN,
+    Authenticator,
+    Identity,
+    Unauthorized,
+    new_token,
+    token_digest,
+)
 from common.settings import SettingsError
 
 TOKEN = new_token()

@@ -9,7 +9,14 @@ import pytest
 from common import db
 from common.errors import LabvaultError
 from metadata_service import ingest, models, objects
-from metadata_service.models import Files, FileKeyValue, Keys, Transactions, TransKeyValue, Values
+from metadata_service.models import (
+    FileKeyValue,
+    Files,
+    Keys,
+    Transactions,
+    TransKeyValue,
+    Values,
+)
 from tests.helpers import FIXTURES, load_json
 from tests.unit.processes import database_url, run_processes
 

@@ -7,7 +7,12 @@ import pytest
 
 from common.errors import BadRequest, Conflict, LabvaultError, NotFound
 from metadata_service import models, objects
-from metadata_service.objects import check_mimetype, normalise_subdir, parse_date, parse_datetime
+from metadata_service.objects import (
+    check_mimetype,
+    normalise_subdir,
+    parse_date,
+    parse_datetime,
+)
 
 
 def error_of(call, *args):

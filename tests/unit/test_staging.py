@@ -9,7 +9,12 @@ import json
 
 import pytest
 
-from common.errors import InsufficientStorage, LabvaultError, PayloadTooLarge, ServiceUnavailable
+from common.errors import (
+    InsufficientStorage,
+    LabvaultError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
 from ingest_service import staging as staging_module
 from ingest_service.services import remove_archive_files, sweep_pending_deletes
 from ingest_service.staging import Staging, StagingUnavailable, UploadInterrupted

@@ -10,7 +10,13 @@ import peewee
 import pytest
 from playhouse.pool import MaxConnectionsExceeded
 
-from common.errors import BadRequest, DatabaseUnavailable, InsufficientStorage, LabvaultError, ServiceUnavailable
+from common.errors import (
+    BadRequest,
+    DatabaseUnavailable,
+    InsufficientStorage,
+    LabvaultError,
+    ServiceUnavailable,
+)
 from common.web import JsonErrors, as_labvault_error, error_headers, outermost
 
 SECRET = "/srv/labvault/var/db/metadata.sqlite3"
