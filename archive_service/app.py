@@ -19,7 +19,7 @@ from archive_service import models
 from archive_service.archive import Archive, FileInfo, PutResult, parse_file_id
 from archive_service.storage import make_storage
 from common import migrations
-from common.errors import BadRequest, LabvaultError
+from common.errors import BadRequest, LengthRequired
 from common.settings import Settings
 from common.web import HealthMixin, drain, json_body, make_application, read_json
 
@@ -135,7 +135,7 @@ def _body_length(headers) -> int | None:
         return None
     length = headers.get("Content-Length")
     if length is None:
-        raise LabvaultError("PUT needs a Content-Length or a chunked body", code="length_required", status=411)
+        raise LengthRequired("PUT needs a Content-Length or a chunked body")
     try:
         return int(length)
     except ValueError:

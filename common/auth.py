@@ -22,7 +22,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from common.errors import LabvaultError
+from common.access import may_see_owned
+from common.errors import Unauthorized
 from common.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -31,11 +32,6 @@ MODES = ("open", "token", "proxy")
 # The header services send each other the shared [auth] service_token in.
 SERVICE_TOKEN_HEADER = "X-Labvault-Service-Token"
 TOKEN_PREFIX = "lv_"
-
-
-class Unauthorized(LabvaultError):
-    status, code = 401, "unauthorized"
-    headers = {"WWW-Authenticate": 'Bearer realm="labvault", Basic realm="labvault"'}
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,7 @@ class Identity:
 
     def may_see(self, owner: int | None) -> bool:
         """Whether this requester may see something owned by ``owner`` (None: owned by nobody)."""
-        return owner is None or self.anonymous or self.admin or owner == self.user
+        return may_see_owned(self.user, self.admin, owner)
 
 
 OPEN = Identity(None)

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import requests
 
 from common.auth import SERVICE_TOKEN_HEADER
-from common.errors import LabvaultError, ServiceUnavailable
+from common.errors import LabvaultError, RemoteError, ServiceUnavailable
 from common.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _error_from(response: requests.Response) -> LabvaultError:
             message = str(body.get("message") or message)
     except ValueError:
         pass
-    return LabvaultError(message, code=code, status=response.status_code)
+    return RemoteError(message, code=code, status=response.status_code)
 
 
 class MetadataClient(ServiceClient):

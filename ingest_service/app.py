@@ -6,10 +6,10 @@ from urllib.parse import parse_qs
 import cherrypy
 
 from common import migrations
-from common.celery_app import enqueue, make_celery
+from common.celery_app import make_celery
 from common.clients import MetadataClient
 from common.db import request_connection
-from common.errors import BadRequest, LabvaultError, PayloadTooLarge
+from common.errors import BadRequest, MethodNotAllowed, PayloadTooLarge
 from common.settings import Settings
 from common.web import (
     HealthMixin,
@@ -25,6 +25,7 @@ from common.web import (
 from ingest_service import models
 from ingest_service.identity import Identities
 from ingest_service.services import IngestService, parse_length
+from ingest_service.tasks import enqueue_job
 from ingest_service.staging import Staging
 
 
@@ -90,7 +91,7 @@ class StateEndpoint:
             return self.application(environ, start_response)
         try:
             if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-                raise LabvaultError("use GET", code="method_not_allowed", status=405)
+                raise MethodNotAllowed("use GET")
             raw = path[len(self.PATH) + 1:] or parse_qs(environ.get("QUERY_STRING", "")).get("job_id", [None])[0]
             if not raw:
                 raise BadRequest("job_id is required", code="invalid_job_id")
@@ -131,6 +132,6 @@ def build_app(settings: Settings, check_schema: bool = True, celery_app=None) ->
     celery_app = celery_app or make_celery(settings)
     metadata = MetadataClient(settings)
     service = IngestService(settings, metadata, Staging(settings.path("ingest", "staging_dir")),
-                            lambda job_id: enqueue(celery_app, "ingest.process_job", job_id))
+                            lambda job_id: enqueue_job(celery_app, job_id))
     identities = Identities(settings, metadata)
     return StateEndpoint(make_application(Root(service, identities), db=db), service, identities, db)

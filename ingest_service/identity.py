@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Callable, Mapping
 
+from common.access import Directory
 from common.auth import Authenticator, Identity, new_token, token_digest
 from common.clients import MetadataClient
 from common.db import utcnow
@@ -44,7 +45,7 @@ class Identities:
     """Identify requests to the ingest service (see ``common.auth``)."""
 
     def __init__(self, settings: Settings, metadata: MetadataClient):
-        self.metadata = metadata
+        self.directory = Directory(metadata)
         self._names = TTLCache()
         self._admins = TTLCache()
         self.authenticator = Authenticator.from_settings(
@@ -59,18 +60,14 @@ class Identities:
 
     def user_for_name(self, name: str) -> int | None:
         def look_up():
-            row = self.metadata.first("users", network_id=name)
+            row = self.directory.user_by_network_id(name)
             if row is None and name.isdigit():
-                row = self.metadata.first("users", _id=int(name))
+                row = self.directory.user(name)
             return None if row is None else int(row["_id"])
         return self._names.get(name, look_up)
 
     def is_admin(self, user: int) -> bool:
-        def look_up():
-            groups = [row["group"] for row in self.metadata.query("user_group", user=user)]
-            return any(str(row.get("is_admin")).lower() in ("true", "1")
-                       for group in groups for row in self.metadata.query("groups", _id=group))
-        return self._admins.get(user, look_up)
+        return self._admins.get(user, lambda: self.directory.is_admin(user))
 
 
 def user_for_token(digest: str) -> int | None:

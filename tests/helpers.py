@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import requests
 from cheroot import wsgi
 
+from common import registry
 from common.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +124,7 @@ class StackBase:
     ``tests.production.ProductionStack`` (uWSGI, RabbitMQ, PostgreSQL).
     """
 
-    SERVICES = ("ingest", "metadata", "archive", "policy", "stats")
+    SERVICES = tuple(registry.names())
 
     def __init__(self, data_dir: Path, **sections):
         self.data_dir = Path(data_dir)

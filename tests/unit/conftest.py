@@ -7,24 +7,23 @@ one per session, its schema synced once, and its tables emptied before each test
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 
 import peewee
 import pytest
 
 from common import db as dbmod
-from common import migrations
+from common import migrations, registry
 from tests.helpers import FIXTURES
 from tests.servers import postgres_databases, require_postgres
 
 DATABASES = ("sqlite", "postgres")
-# Services whose tables the unit tests exercise.
-SERVICES = ("metadata", "archive", "ingest")
+# Services whose tables the unit tests exercise: every service that has tables.
+SERVICES = tuple(service.name for service in registry.with_tables())
 
 
 def service_models(service: str):
-    return importlib.import_module(f"{service}_service.models")
+    return registry.get(service).models_module()
 
 
 @pytest.fixture(scope="session")
