@@ -26,7 +26,6 @@ import logging
 import os
 import socket
 import tarfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from common import bundles, registry
 from common.bundles import BundleError, Manifest
 from common.clients import ArchiveClient, MetadataClient, PolicyClient, make_session
 from common.db import close_quietly
+from common.heartbeat import Heartbeat
 from common.errors import LabvaultError
 from common.hashing import HashingReader
 from common.settings import Settings
@@ -136,7 +136,7 @@ def process_job(context: IngestContext, job_id: int, run_id: str | None = None) 
         # The new run's first step with its attempt, in one update: nobody sees this attempt
         # counted beside the step and percent the last run left.
         jobs.count_attempt(job_id, task=JobRun.first_step(job), task_percent=0)
-        with Heartbeat(job_id, run_id, context.settings.getfloat("ingest", "heartbeat_interval")) as heartbeat:
+        with job_heartbeat(job_id, run_id, context.settings.getfloat("ingest", "heartbeat_interval")) as heartbeat:
             return JobRun(context, jobs.get(job_id), heartbeat).run()
     finally:
         try:
@@ -145,44 +145,10 @@ def process_job(context: IngestContext, job_id: int, run_id: str | None = None) 
             logger.warning("job %s: could not release the claim of run %s", job_id, run_id, exc_info=True)
 
 
-class Heartbeat:
-    """While entered, refreshes the heartbeat of ``run_id``'s claim on a job every ``interval``
-    seconds from a thread with its own database connection; ``lost`` tells that the claim went
-    to another run."""
-
-    def __init__(self, job_id: int, run_id: str, interval: float):
-        self.job_id, self.run_id, self.interval = job_id, run_id, interval
-        self._stop = threading.Event()
-        self._lost = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
-
-    @property
-    def lost(self) -> bool:
-        return self._lost.is_set()
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 30)
-
-    def _beat(self) -> None:
-        try:
-            while not self._stop.wait(self.interval):
-                try:
-                    if jobs.touch(self.job_id, self.run_id) == 0:
-                        logger.warning("job %s: run %s no longer holds the job; stopping it",
-                                       self.job_id, self.run_id)
-                        self._lost.set()
-                        return
-                except Exception:  # noqa: BLE001 - a database hiccup: the next beat tries again
-                    logger.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
-                    close_quietly(models.database)
-        finally:
-            # The thread's own connection: closed (or given back to the pool) with the thread.
-            close_quietly(models.database)
+def job_heartbeat(job_id: int, run_id: str, interval: float) -> Heartbeat:
+    """The heartbeat of ``run_id``'s claim on a job, from a thread with its own database connection."""
+    return Heartbeat(lambda: jobs.touch(job_id, run_id), interval, f"heartbeat-{job_id}",
+                     done=lambda: close_quietly(models.database))
 
 
 class JobRun:
