@@ -27,6 +27,8 @@ import io
 import json
 import logging
 import time
+from itertools import islice
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -44,7 +46,7 @@ Progress = Callable[[float, str], None]
 
 # Bytes of stored values (data + indices) per block: a block's working set is a few times
 # this, which keeps a whole run well under 512 MiB whatever the file's size.
-BLOCK_BUDGET = 24 * 2**20
+BLOCK_BUDGET = 16 * 2**20
 TOP_N = 20
 TARGET_SUM = 1e4
 HVG_BINS = 20
@@ -54,6 +56,8 @@ CELLTYPE_KEYS = ("cell_type", "celltype", "cell_types", "cell_ontology_class", "
 # The HVG columns of every block are kept between the covariance and projection passes
 # when they fit in this many bytes; otherwise the file is read a third time.
 HVG_CACHE_BUDGET = 160 * 2**20
+# Blocks read and worked on at once (the machines this runs on have two cores or more).
+WORKERS = 2
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
@@ -313,25 +317,36 @@ class _Matrix:
         return self.format != "csc"
 
     def blocks(self, columns: np.ndarray | None = None) -> Iterator[tuple[int, int, sp.spmatrix]]:
-        """Yield (start, stop, block) in order; the next block is read while one is used.
+        """Yield (start, stop, block) in order.
 
         For CSR/dense a block is a CSR of rows start:stop x all genes; for CSC a CSC of all
         cells x columns start:stop. ``columns`` (CSC only) skips blocks with none of them.
+        """
+        return self.map(lambda a, b, block: (a, b, block), columns)
+
+    def map(self, work: Callable, columns: np.ndarray | None = None) -> Iterator:
+        """Yield ``work(start, stop, block)`` for every block, in order.
+
+        Two blocks are read and worked on at once on two threads: h5py and numpy's sorts,
+        ufuncs and scipy's sparse kernels release the GIL for most of their time.
         """
         bounds = self.bounds
         if columns is not None and not self.by_rows:
             bounds = [(a, b) for a, b in bounds
                       if np.searchsorted(columns, a) < np.searchsorted(columns, b)]
-        if not bounds:
-            return
-        # One reader thread: h5py decompresses while numpy works on the previous block.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self._read, *bounds[0])
-            for i, (a, b) in enumerate(bounds):
-                block = pending.result()
-                if i + 1 < len(bounds):
-                    pending = pool.submit(self._read, *bounds[i + 1])
-                yield a, b, block
+        todo = iter(bounds)
+
+        def job(a: int, b: int):
+            return work(a, b, self._read(a, b))
+
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            pending = deque(pool.submit(job, a, b) for a, b in islice(todo, WORKERS))
+            while pending:
+                result = pending.popleft().result()
+                following = next(todo, None)
+                if following is not None:
+                    pending.append(pool.submit(job, *following))
+                yield result
 
     def _read(self, a: int, b: int) -> sp.spmatrix:
         if self.format == "dense":
@@ -393,60 +408,90 @@ class _QC:
 def _qc_pass(source: _Matrix, is_mt: np.ndarray, report: Progress) -> _QC:
     n_obs, n_vars = source.shape
     qc = _QC(*(np.zeros(n) for n in (n_obs,) * 4 + (n_vars,) * 4))
-    # CSC: a cell's values arrive over many blocks, so its running top 20 is kept.
-    running_top = None if source.by_rows else np.zeros((n_obs, TOP_N))
     total_blocks = len(source.bounds)
-    for i, (a, b, block) in enumerate(source.blocks()):
-        data = block.data.astype(np.float64, copy=False)
-        indices = block.indices
-        nonzero = data != 0
-        has_zeros = not nonzero.all()
-        counts = np.diff(block.indptr)
-        weights_mt = np.where(is_mt[indices], data, 0.0) if source.by_rows else None
-        qc.nnz += int(data.size - (np.count_nonzero(~nonzero) if has_zeros else 0))
-        if source.by_rows:
+    if source.by_rows:
+        work = lambda a, b, block: _qc_rows(block, is_mt, n_vars)  # noqa: E731
+        for i, (a, b, part) in enumerate(_with_bounds(source, work)):
             rows = slice(a, b)
-            qc.cell_total[rows] = _segment_sums(data, block.indptr)
-            qc.cell_ngenes[rows] = (_segment_sums(nonzero.astype(np.float64), block.indptr)
-                                    if has_zeros else counts)
-            qc.mt_total[rows] = _segment_sums(weights_mt, block.indptr)
-            qc.top_sum[rows] = _row_top_values(data, block.indptr, TOP_N).sum(axis=1)
-            qc.gene_total += np.bincount(indices, weights=data, minlength=n_vars)
-            qc.gene_ncells += np.bincount(indices[nonzero] if has_zeros else indices,
-                                          minlength=n_vars)
-            _add_lognorm_moments(qc, data, indices, counts, qc.cell_total[rows])
-        else:
-            cols = slice(a, b)
-            qc.cell_total += np.bincount(indices, weights=data, minlength=n_obs)
-            qc.cell_ngenes += np.bincount(indices[nonzero] if has_zeros else indices,
-                                          minlength=n_obs)
-            mt_cols = is_mt[a:b]
-            if mt_cols.any():
-                owner = np.repeat(mt_cols, counts)
-                qc.mt_total += np.bincount(indices[owner], weights=data[owner], minlength=n_obs)
-            qc.gene_total[cols] = _segment_sums(data, block.indptr)
-            qc.gene_ncells[cols] = (_segment_sums(nonzero.astype(np.float64), block.indptr)
-                                    if has_zeros else counts)
-            by_cell = block.tocsr()
-            candidates = _row_top_values(by_cell.data.astype(np.float64), by_cell.indptr, TOP_N)
-            merged = np.concatenate([running_top, candidates], axis=1)
-            running_top = np.partition(merged, TOP_N, axis=1)[:, TOP_N:]
-        report(0.5 * (i + 1) / total_blocks, f"QC metrics: block {i + 1} of {total_blocks}")
-    if running_top is not None:
-        qc.top_sum = running_top.sum(axis=1)
+            (qc.cell_total[rows], qc.cell_ngenes[rows], qc.mt_total[rows],
+             qc.top_sum[rows]) = part["cells"]
+            for name, values in part["genes"].items():
+                getattr(qc, name)[:] += values
+            qc.nnz += part["nnz"]
+            report(0.5 * (i + 1) / total_blocks, f"QC metrics: block {i + 1} of {total_blocks}")
+    else:
+        _qc_columns(source, is_mt, qc, report)
     source.nnz = qc.nnz if source.nnz < 0 else source.nnz
     return qc
 
 
+def _with_bounds(source: _Matrix, work: Callable) -> Iterator:
+    return source.map(lambda a, b, block: (a, b, work(a, b, block)))
+
+
+def _qc_rows(block: sp.csr_matrix, is_mt: np.ndarray, n_vars: int) -> dict:
+    """Every pass-1 quantity of a CSR row block: its cells' values and its genes' sums."""
+    data, indices, indptr = block.data, block.indices, block.indptr
+    counts = np.diff(indptr)
+    zeros = data == 0
+    n_zeros = int(np.count_nonzero(zeros))
+    cell_total = _segment_sums(data, indptr)
+    n_genes = counts - (_segment_sums(zeros, indptr) if n_zeros else 0)
+    # Few values are mitochondrial: find them, then their rows, rather than mask every value.
+    mt_at = np.flatnonzero(is_mt[indices])
+    mt_rows = np.searchsorted(indptr, mt_at, side="right") - 1
+    mt_total = np.bincount(mt_rows, weights=data[mt_at], minlength=counts.size)
+    top_sum = _row_top_values(data, indptr, TOP_N).sum(axis=1)
+    present = indices[~zeros] if n_zeros else indices
+    values = _lognorm(data, counts, cell_total)
+    genes = {
+        "gene_total": np.bincount(indices, weights=data, minlength=n_vars),
+        "gene_ncells": np.bincount(present, minlength=n_vars),
+        "lognorm_sum": np.bincount(indices, weights=values, minlength=n_vars),
+        "lognorm_sumsq": np.bincount(indices, weights=values * values, minlength=n_vars),
+    }
+    return {"cells": (cell_total, n_genes, mt_total, top_sum), "genes": genes,
+            "nnz": int(data.size - n_zeros)}
+
+
+def _qc_columns(source: _Matrix, is_mt: np.ndarray, qc: _QC, report: Progress) -> None:
+    n_obs = source.shape[0]
+    # CSC: a cell's values arrive over many blocks, so its running top 20 is kept.
+    running_top = np.zeros((n_obs, TOP_N))
+    total_blocks = len(source.bounds)
+    for i, (a, b, block) in enumerate(source.blocks()):
+        data, indices = block.data, block.indices
+        nonzero = data != 0
+        has_zeros = not nonzero.all()
+        counts = np.diff(block.indptr)
+        qc.nnz += int(np.count_nonzero(nonzero))
+        qc.cell_total += np.bincount(indices, weights=data, minlength=n_obs)
+        qc.cell_ngenes += np.bincount(indices[nonzero] if has_zeros else indices,
+                                      minlength=n_obs)
+        mt_cols = is_mt[a:b]
+        if mt_cols.any():
+            owner = np.repeat(mt_cols, counts)
+            qc.mt_total += np.bincount(indices[owner], weights=data[owner], minlength=n_obs)
+        qc.gene_total[a:b] = _segment_sums(data, block.indptr)
+        qc.gene_ncells[a:b] = counts - (_segment_sums(~nonzero, block.indptr) if has_zeros
+                                        else 0)
+        by_cell = block.tocsr()
+        candidates = _row_top_values(by_cell.data, by_cell.indptr, TOP_N)
+        merged = np.sort(np.concatenate([running_top, candidates], axis=1), axis=1)
+        running_top = merged[:, TOP_N:]
+        report(0.5 * (i + 1) / total_blocks, f"QC metrics: block {i + 1} of {total_blocks}")
+    qc.top_sum = running_top.sum(axis=1)
+
+
 def _segment_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-    """Sum of each segment ``indptr[i]:indptr[i+1]`` (empty segments give 0)."""
+    """Sum (in float64) of each segment ``indptr[i]:indptr[i+1]``; empty segments give 0."""
     out = np.zeros(indptr.size - 1)
     if values.size == 0:
         return out
     starts = indptr[:-1]
     nonempty = starts < indptr[1:]
     # reduceat returns values[start] for an empty segment, hence the mask.
-    out[nonempty] = np.add.reduceat(values, starts[nonempty])
+    out[nonempty] = np.add.reduceat(values, starts[nonempty], dtype=np.float64)
     return out
 
 
@@ -454,48 +499,46 @@ def _row_top_values(data: np.ndarray, indptr: np.ndarray, k: int) -> np.ndarray:
     """Each row's ``k`` largest stored values (unordered), padded with zeros: rows x k.
 
     Rows are grouped by length into power-of-two widths, padded into a dense array and
-    partitioned, so the work is linear in the values and no Python loop runs per row.
+    sorted (numpy's vectorised sort is much faster than partition on tied counts), so no
+    Python loop runs per row.
     """
     counts = np.diff(indptr)
     n_rows = counts.size
     out = np.zeros((n_rows, k))
     if n_rows == 0 or data.size == 0:
         return out
+    dtype = data.dtype if data.dtype.kind == "f" else np.float64
     width = np.maximum(k, 1 << np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64))
     for w in np.unique(width):
-        rows = np.flatnonzero(width == w)
-        rows = rows[counts[rows] > 0]
+        rows = np.flatnonzero((width == w) & (counts > 0))
         if rows.size == 0:
             continue
         lengths = counts[rows]
-        total = int(lengths.sum())
         first = np.cumsum(lengths) - lengths
-        position = np.arange(total) - np.repeat(first, lengths)
+        position = np.arange(int(lengths.sum())) - np.repeat(first, lengths)
         source = np.repeat(indptr[rows], lengths) + position
         if w == k:
             # Short rows: every value is in the row's top k.
             out[np.repeat(rows, lengths), position] = data[source]
             continue
-        padded = np.full((rows.size, int(w)), -np.inf)
+        padded = np.full((rows.size, int(w)), -np.inf, dtype=dtype)
         padded[np.repeat(np.arange(rows.size), lengths), position] = data[source]
-        top = np.partition(padded, w - k, axis=1)[:, w - k:]
+        padded.sort(axis=1)
+        top = padded[:, w - k:]
         out[rows] = np.where(np.isfinite(top), top, 0.0)
     return out
 
 
-def _add_lognorm_moments(qc: _QC, data, indices, counts, cell_total) -> None:
-    """Add each gene's sum and sum of squares of log1p(counts normalised to 1e4)."""
-    values = _lognorm(data, counts, cell_total)
-    n_vars = qc.gene_total.size
-    qc.lognorm_sum += np.bincount(indices, weights=values, minlength=n_vars)
-    qc.lognorm_sumsq += np.bincount(indices, weights=values * values, minlength=n_vars)
+def _lognorm(data: np.ndarray, counts: np.ndarray, cell_total: np.ndarray,
+             dtype=np.float32) -> np.ndarray:
+    """log1p(x * 1e4 / cell total) for CSR-ordered values; cells without counts give 0.
 
-
-def _lognorm(data: np.ndarray, counts: np.ndarray, cell_total: np.ndarray) -> np.ndarray:
-    """log1p(x * 1e4 / cell total) for CSR-ordered values; cells without counts give 0."""
+    float32 by default: the per-gene moments are summed in float64 anyway, and float32
+    halves the memory traffic of the largest arrays of a pass.
+    """
     with np.errstate(divide="ignore"):
-        scale = np.where(cell_total > 0, TARGET_SUM / cell_total, 0.0)
-    return np.log1p(data * np.repeat(scale, counts))
+        scale = np.where(cell_total > 0, TARGET_SUM / cell_total, 0.0).astype(dtype)
+    return np.log1p(data.astype(dtype, copy=False) * np.repeat(scale, counts))
 
 
 def _lognorm_moments_by_columns(source: _Matrix, qc: _QC, report: Progress) -> None:
@@ -565,69 +608,103 @@ def _pca(source: _Matrix, qc: _QC, hvg: np.ndarray, top_genes: np.ndarray, n_com
     k = max(0, min(n_components, hvg.size, n_obs - 1))
     if k == 0:
         return np.zeros((n_obs, 0), np.float32), np.zeros(0), top_pct
-    covariance = (cross - n_obs * np.outer(mean, mean)) / (n_obs - 1)
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    order = np.argsort(eigenvalues)[::-1][:k]
-    components = eigenvectors[:, order]
+    # In place: at 2,000 HVGs each gene x gene matrix is 32 MB.
+    covariance = cross
+    covariance -= n_obs * np.outer(mean, mean)
+    covariance /= n_obs - 1
+    eigenvalues, components = _top_eigenvectors(covariance, k)
     # Eigenvectors have no sign; fix one so the same data always gives the same picture.
     signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(k)])
     components *= np.where(signs == 0, 1.0, signs)
-    total_variance = np.maximum(eigenvalues, 0.0).sum()
-    ratio = (np.maximum(eigenvalues[order], 0.0) / total_variance if total_variance > 0
+    total_variance = float(np.trace(covariance))
+    ratio = (np.maximum(eigenvalues, 0.0) / total_variance if total_variance > 0
              else np.zeros(k))
+    del covariance, cross
     coords = _project(source, qc, hvg, components, mean @ components, cache, report)
     return coords, ratio, top_pct
 
 
+def _top_eigenvectors(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest eigenvalues (descending) of a symmetric matrix and their eigenvectors."""
+    n = matrix.shape[0]
+    if n > 4 * k + 50:
+        from scipy.sparse.linalg import eigsh
+        # Lanczos needs only products with the matrix: ten times faster than a full
+        # decomposition at 2,000 genes. A fixed start vector keeps the answer reproducible.
+        values, vectors = eigsh(matrix, k=k, which="LA", v0=np.ones(n), tol=0)
+    else:
+        values, vectors = np.linalg.eigh(matrix)
+    order = np.argsort(values)[::-1][:k]
+    return values[order], vectors[:, order]
+
+
 def _hvg_lookup(n_vars: int, genes: np.ndarray) -> np.ndarray:
-    lookup = np.full(n_vars, -1, dtype=np.int64)
+    lookup = np.full(n_vars, -1, dtype=np.int32)
     lookup[genes] = np.arange(genes.size)
     return lookup
 
 
+def _select_rows(block: sp.csr_matrix, lookup: np.ndarray):
+    """(rows, positions, values) of a CSR block's values in the looked-up columns."""
+    column = lookup[block.indices]
+    at = np.flatnonzero(column >= 0)
+    rows = np.searchsorted(block.indptr, at, side="right") - 1
+    return rows, column[at], block.data[at]
+
+
 def _hvg_rows(block: sp.csr_matrix, cell_total: np.ndarray, lookup: np.ndarray, n_hvg: int
               ) -> sp.csr_matrix:
-    """Log-normalised HVG columns of a CSR row block, as a CSR (rows x n_hvg)."""
-    counts = np.diff(block.indptr)
-    values = _lognorm(block.data.astype(np.float64), counts, cell_total)
-    column = lookup[block.indices]
-    keep = column >= 0
-    rows = np.repeat(np.arange(counts.size), counts)[keep]
-    indptr = np.zeros(counts.size + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=counts.size), out=indptr[1:])
-    return sp.csr_matrix((values[keep], column[keep].astype(np.int32), indptr),
-                         shape=(counts.size, n_hvg))
+    """Log-normalised HVG columns of a CSR row block, as a float64 CSR (rows x n_hvg)."""
+    n_rows = block.shape[0]
+    rows, columns, data = _select_rows(block, lookup)
+    counts = np.bincount(rows, minlength=n_rows)
+    values = _lognorm(data, counts, cell_total, dtype=np.float64)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return sp.csr_matrix((values, columns, indptr), shape=(n_rows, n_hvg))
+
+
+def _pass2_rows(a: int, b: int, block: sp.csr_matrix, cell_total: np.ndarray,
+                lookup: np.ndarray, n_hvg: int, top_lookup: np.ndarray, n_top: int):
+    """(HVG block, its X'X as a sparse matrix, percent of counts in each top gene)."""
+    sub = _hvg_rows(block, cell_total, lookup, n_hvg)
+    # The sparse product is far cheaper than a dense one: HVG rows are mostly zeros. It
+    # comes out CSC; being symmetric, its columns are its rows, so no conversion is needed.
+    product = sub.T @ sub
+    rows, slots, data = _select_rows(block, top_lookup)
+    sums = np.bincount(rows * n_top + slots, weights=data,
+                       minlength=(b - a) * n_top).reshape(b - a, n_top)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        top_pct = (100.0 * sums / cell_total[:, None]).astype(np.float32)
+    return sub, product, top_pct
 
 
 def _cross_products_by_rows(source, qc, hvg, top_genes, report):
     n_obs, n_vars = source.shape
     lookup = _hvg_lookup(n_vars, hvg)
     top_lookup = _hvg_lookup(n_vars, top_genes)
-    n_top = top_genes.size
     cross = np.zeros((hvg.size, hvg.size))
-    top_pct = np.zeros((n_obs, n_top), dtype=np.float32)
+    top_pct = np.zeros((n_obs, top_genes.size), dtype=np.float32)
     cache: list | None = []
     cached_bytes = 0
     total_blocks = len(source.bounds)
-    for i, (a, b, block) in enumerate(source.blocks()):
-        cell_total = qc.cell_total[a:b]
-        sub = _hvg_rows(block, cell_total, lookup, hvg.size)
-        # The sparse product is far cheaper than a dense one: HVG rows are mostly zeros.
-        cross += (sub.T @ sub).toarray()
-        slot = top_lookup[block.indices]
-        keep = slot >= 0
-        counts = np.diff(block.indptr)
-        rows = np.repeat(np.arange(b - a), counts)[keep]
-        sums = np.bincount(rows * n_top + slot[keep], weights=block.data[keep].astype(np.float64),
-                           minlength=(b - a) * n_top).reshape(b - a, n_top)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            top_pct[a:b] = 100.0 * sums / cell_total[:, None]
+
+    def work(a, b, block):
+        return _pass2_rows(a, b, block, qc.cell_total[a:b], lookup, hvg.size, top_lookup,
+                           top_genes.size)
+
+    for i, (a, b, (sub, product, pct)) in enumerate(_with_bounds(source, work)):
+        rows = np.repeat(np.arange(product.shape[0]), np.diff(product.indptr))
+        cross[rows, product.indices] += product.data
+        top_pct[a:b] = pct
         if cache is not None:
+            sub.data = sub.data.astype(np.float32)
+            sub.indices = sub.indices.astype(np.int32)
+            sub.indptr = sub.indptr.astype(np.int32)
             cached_bytes += sub.data.nbytes + sub.indices.nbytes + sub.indptr.nbytes
             if cached_bytes > HVG_CACHE_BUDGET:
                 cache = None
             else:
-                sub.data = sub.data.astype(np.float32)
                 cache.append((a, b, sub))
         report(0.5 + 0.35 * (i + 1) / total_blocks, f"PCA covariance: block {i + 1}")
     return cross, cache, top_pct
@@ -681,9 +758,8 @@ def _project(source, qc, hvg, components, offset, cache, report) -> np.ndarray:
     coords = np.zeros((n_obs, components.shape[1]))
     lookup = _hvg_lookup(n_vars, hvg)
     if source.by_rows:
-        pieces = cache if cache is not None else (
-            (a, b, _hvg_rows(block, qc.cell_total[a:b], lookup, hvg.size))
-            for a, b, block in source.blocks())
+        pieces = cache if cache is not None else _with_bounds(
+            source, lambda a, b, block: _hvg_rows(block, qc.cell_total[a:b], lookup, hvg.size))
         for a, b, sub in pieces:
             coords[a:b] = sub @ components
     else:

@@ -324,3 +324,16 @@ def test_invalid_matrix(tmp_path, damage):
             del f["X"]
             f.create_dataset("X", data=np.array([["a", "b"]], dtype="S1"))
     assert error_code(path) == "invalid_matrix"
+
+
+def test_pca_with_many_hvgs_equals_numpy(tmp_path):
+    # Enough HVGs that the top components come from Lanczos rather than a full eigh.
+    counts = make_counts(seed=8, n_cells=300, n_genes=260)
+    adata = make_adata(counts, seed=8)
+    adata.X = sp.csr_matrix(counts.astype(np.float32))
+    path = write(tmp_path, adata)
+    stats = anndata_qc.compute(path, chunk_rows=CHUNK, hvg_genes=200, pca_components=6)
+    np.testing.assert_array_equal(stats.hvg, reference_hvg(counts, 200))
+    coords, ratio = reference_pca(counts, stats.hvg, 6)
+    np.testing.assert_allclose(stats.pca_variance_ratio, ratio, rtol=1e-6)
+    assert_same_up_to_sign(stats.pca, coords)
