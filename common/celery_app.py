@@ -171,6 +171,20 @@ def _adapter(func: Callable) -> Callable:
     return run
 
 
+_apps: dict[int, tuple[Settings, Celery]] = {}
+
+
+def celery_for(settings: Settings) -> Celery:
+    """A Celery app to enqueue with, one per process and settings (it connects on first use).
+
+    Each entry keeps its settings object alive, so no later settings object can reuse its
+    id() and be taken for it (tests build many)."""
+    entry = _apps.get(id(settings))
+    if entry is None:
+        entry = _apps[id(settings)] = (settings, make_celery(settings))
+    return entry[1]
+
+
 def enqueue(app: Celery, name: str, *args) -> None:
     """Send task ``name`` with id arguments; call only after the database commit."""
     spec = _REGISTRY.get(name)

@@ -6,7 +6,7 @@ import datetime
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from common.celery_app import RetryLater, enqueue, make_celery, task
+from common.celery_app import RetryLater, celery_for, enqueue, make_celery, task
 from common.db import bind
 from common.settings import Settings
 from ingest_service import jobs, models, pipeline, reaper
@@ -17,7 +17,6 @@ REAP_JOBS = "ingest.reap_jobs"
 # Per worker process and settings object. Each entry keeps its settings object alive, so
 # no later settings object can reuse its id() and be taken for it (tests build many).
 _contexts: dict[int, tuple[Settings, pipeline.IngestContext]] = {}
-_apps: dict[int, tuple[Settings, Celery]] = {}
 
 
 def context_for(settings: Settings) -> pipeline.IngestContext:
@@ -27,14 +26,6 @@ def context_for(settings: Settings) -> pipeline.IngestContext:
         bind(models.database, settings.database_url("ingest"))
         entry = _contexts[id(settings)] = (settings, pipeline.IngestContext.from_settings(
             settings, time_limits=(SoftTimeLimitExceeded,)))
-    return entry[1]
-
-
-def celery_for(settings: Settings) -> Celery:
-    """A Celery app to enqueue with, one per worker process and settings (it connects on first use)."""
-    entry = _apps.get(id(settings))
-    if entry is None:
-        entry = _apps[id(settings)] = (settings, make_celery(settings))
     return entry[1]
 
 

@@ -253,3 +253,57 @@ class NoBroker:
 
     def send_task(self, name, args, **_options):
         self.sent.append((name, args))
+
+
+# -- projects and derived-data inputs ------------------------------------------------
+
+MEMBER_RELATIONSHIP = "ad417f50-5401-446d-8e5f-69892777f9b1"  # the seed's "member of"
+
+
+def new_project(stack, prefix: str = "p") -> str:
+    """A fresh project in the stack's metadata service, with the seed's user 10 and instrument 54
+    related to it, so ``payload_bundle(..., project=...)`` ingests into it."""
+    import uuid
+    project = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    url = stack.url("metadata")
+    for table, rows in (("projects", [{"_id": project, "title": f"Test project {project}"}]),
+                        ("project_user", [{"project": project, "user": 10, "relationship": MEMBER_RELATIONSHIP}]),
+                        ("project_instrument", [{"project": project, "instrument": 54,
+                                                 "relationship": MEMBER_RELATIONSHIP}])):
+        response = requests.put(f"{url}/{table}", json=rows, timeout=30)
+        assert response.status_code < 300, response.text
+    return project
+
+
+def h5ad_bytes(seed: int = 0, n_cells: int = 120, n_genes: int = 60, raw: bool = False,
+               samples: tuple[str, ...] = ("s1", "s2"), cell_types: tuple[str, ...] = ("T", "B", "NK")):
+    """An ``.h5ad`` (bytes) of random counts with 13 ``MT-`` genes, sample and cell-type columns
+    and an ``X_umap``; with ``raw``, the counts are in ``raw.X`` and ``X`` is log-normalised.
+    Returns ``(bytes, counts)``, counts a dense cells x genes array."""
+    import tempfile
+
+    import anndata
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse
+    rng = np.random.default_rng(seed)
+    weights = rng.lognormal(0.0, 1.5, n_genes)
+    depth = rng.integers(50, 2000, n_cells)
+    counts = np.stack([rng.poisson(weights / weights.sum() * d) for d in depth]).astype(np.float32)
+    genes = [f"MT-{i}" if i < 13 else f"GENE{i}" for i in range(n_genes)]
+    obs = pd.DataFrame(index=[f"cell{i}" for i in range(n_cells)])
+    obs["sample"] = pd.Categorical(rng.choice(list(samples), n_cells))
+    obs["cell_type"] = pd.Categorical(rng.choice(list(cell_types), n_cells))
+    matrix = scipy.sparse.csr_matrix(counts)
+    if raw:
+        lognorm = np.log1p(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) * 1e4)
+        adata = anndata.AnnData(X=scipy.sparse.csr_matrix(lognorm.astype(np.float32)), obs=obs,
+                                var=pd.DataFrame(index=genes))
+        adata.raw = anndata.AnnData(X=matrix, var=pd.DataFrame(index=genes), obs=obs)
+    else:
+        adata = anndata.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=genes))
+    adata.obsm["X_umap"] = rng.normal(size=(n_cells, 2)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "data.h5ad"
+        adata.write_h5ad(path)
+        return path.read_bytes(), counts
