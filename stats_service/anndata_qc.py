@@ -434,18 +434,19 @@ def _qc_rows(block: sp.csr_matrix, is_mt: np.ndarray, n_vars: int) -> dict:
     data, indices, indptr = block.data, block.indices, block.indptr
     counts = np.diff(indptr)
     zeros = data == 0
+    data64 = data.astype(np.float64)   # once: bincount would convert it on every call
     n_zeros = int(np.count_nonzero(zeros))
-    cell_total = _segment_sums(data, indptr)
+    cell_total = _segment_sums(data64, indptr)
     n_genes = counts - (_segment_sums(zeros, indptr) if n_zeros else 0)
     # Few values are mitochondrial: find them, then their rows, rather than mask every value.
     mt_at = np.flatnonzero(is_mt[indices])
     mt_rows = np.searchsorted(indptr, mt_at, side="right") - 1
-    mt_total = np.bincount(mt_rows, weights=data[mt_at], minlength=counts.size)
+    mt_total = np.bincount(mt_rows, weights=data64[mt_at], minlength=counts.size)
     top_sum = _row_top_values(data, indptr, TOP_N).sum(axis=1)
     present = indices[~zeros] if n_zeros else indices
     values = _lognorm(data, counts, cell_total)
     genes = {
-        "gene_total": np.bincount(indices, weights=data, minlength=n_vars),
+        "gene_total": np.bincount(indices, weights=data64, minlength=n_vars),
         "gene_ncells": np.bincount(present, minlength=n_vars),
         "lognorm_sum": np.bincount(indices, weights=values, minlength=n_vars),
         "lognorm_sumsq": np.bincount(indices, weights=values * values, minlength=n_vars),
@@ -485,14 +486,11 @@ def _qc_columns(source: _Matrix, is_mt: np.ndarray, qc: _QC, report: Progress) -
 
 def _segment_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
     """Sum (in float64) of each segment ``indptr[i]:indptr[i+1]``; empty segments give 0."""
-    out = np.zeros(indptr.size - 1)
-    if values.size == 0:
-        return out
-    starts = indptr[:-1]
-    nonempty = starts < indptr[1:]
-    # reduceat returns values[start] for an empty segment, hence the mask.
-    out[nonempty] = np.add.reduceat(values, starts[nonempty], dtype=np.float64)
-    return out
+    # A float64 running sum differenced at the bounds: several times faster than
+    # np.add.reduceat with a float64 accumulator on float32 values.
+    running = np.zeros(values.size + 1)
+    np.cumsum(values, dtype=np.float64, out=running[1:])
+    return running[indptr[1:]] - running[indptr[:-1]]
 
 
 def _row_top_values(data: np.ndarray, indptr: np.ndarray, k: int) -> np.ndarray:

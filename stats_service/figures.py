@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from stats_service.anndata_qc import AnnDataStats
 from stats_service.errors import FIGURE_FAILED
@@ -216,6 +217,9 @@ def _qc_violins(groups, title: str, n_cells: int) -> Figure:
     metrics = (("total counts per cell", 1, True), ("genes per cell", 2, True),
                ("% counts in mitochondrial genes", 3, False))
     labels = [g[0] for g in groups]
+    # A violin's density costs cells x grid points: a fixed subsample draws the same shape.
+    groups = [(g[0], *(np.asarray(v)[_sample(len(v), MAX_POINTS // len(groups))]
+                       for v in g[1:])) for g in groups]
     for ax, (label, index, log) in zip(axes[0], metrics):
         series = [_finite(g[index]) for g in groups]
         if log:
@@ -352,14 +356,17 @@ def _embedding(stats: AnnDataStats, coords: np.ndarray, axis_name: str, title: s
         else:
             c = codes[keep]
             cmap = _cmap()
-            for i, name in enumerate(categories[:MAX_GROUPS]):
-                m = c == i
-                if m.any():
-                    ax.scatter(xy[m, 0], xy[m, 1], s=1, color=cmap(i % cmap.N), label=str(name),
-                               rasterized=True, linewidths=0)
-            ax.set_title(f"coloured by {key}", fontsize=10)
+            colours = np.asarray([cmap(i % cmap.N) for i in range(max(1, len(categories)))])
+            # One scatter call for all groups (far cheaper than one per group), a legend
+            # from proxy markers; missing values in grey.
+            rgba = np.where((c >= 0)[:, None], colours[np.maximum(c, 0)], (0.7, 0.7, 0.7, 1.0))
+            ax.scatter(xy[:, 0], xy[:, 1], s=1, c=rgba, rasterized=True, linewidths=0)
             if len(categories) <= 20:
-                ax.legend(markerscale=6, fontsize=7, loc="best", frameon=False)
+                handles = [Line2D([], [], marker="o", linestyle="", markersize=4,
+                                  color=colours[i], label=str(name))
+                           for i, name in enumerate(categories)]
+                ax.legend(handles=handles, fontsize=7, loc="upper right", frameon=False)  # "best" costs 0.25 s
+            ax.set_title(f"coloured by {key}", fontsize=10)
         ax.set_xlabel(f"{axis_name}1")
         ax.set_ylabel(f"{axis_name}2")
         ax.set_xticks([])

@@ -28,6 +28,7 @@ def compute_table(path, *, delimiter: str | None = None, max_histogram_bins: int
     path = Path(path)
     size = max(1, path.stat().st_size)
     delimiter = delimiter or _delimiter(path)
+    # The csv module's limit is process-wide; every table read here wants the same cap.
     csv.field_size_limit(MAX_CELL)
 
     columns: list[dict] = []
