@@ -120,6 +120,8 @@ def _serve_output(engine: Engine, output: models.RunOutput):
 
 
 def _project_document(project: str, row: ProjectStats | None, skipped: str | None) -> dict:
+    if skipped is None and row is not None and row.state == "skipped":
+        skipped = row.error  # skipped by a process with its own skip list (a worker, regenerate)
     if skipped is not None:
         return {"project": project, "state": "skipped", "reason": skipped}
     if row is None or row.summary is None:

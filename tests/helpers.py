@@ -138,8 +138,10 @@ class StackBase:
     def url(self, service: str) -> str:
         return self.settings.service_url(service)
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "common.cli", *args], env=env_for(self.settings),
+    def cli(self, *args: str, check: bool = True, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run ``labvault ARGS`` against this stack (``env``: extra variables, e.g. a setting)."""
+        result = subprocess.run([sys.executable, "-m", "common.cli", *args], env={**env_for(self.settings), **(env or {})},
                                 capture_output=True, text=True, timeout=timeout, cwd=self.data_dir)
         if check and result.returncode != 0:
             raise AssertionError(f"labvault {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
@@ -307,3 +309,20 @@ def h5ad_bytes(seed: int = 0, n_cells: int = 120, n_genes: int = 60, raw: bool =
         path = Path(folder) / "data.h5ad"
         adata.write_h5ad(path)
         return path.read_bytes(), counts
+
+
+def write_plugin(root: Path, name: str, files: dict[str, str], entry_points: dict[str, dict[str, str]]) -> Path:
+    """A plug-in distribution ``name`` under ``root`` as an installed one looks (its modules and a
+    dist-info with entry points), found by a process with ``root`` on PYTHONPATH."""
+    import textwrap
+    files = dict(files)
+    info = f"{name.replace('-', '_')}-0.1.dist-info"
+    files[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n"
+    files[f"{info}/entry_points.txt"] = "".join(
+        f"[{group}]\n" + "".join(f"{key} = {value}\n" for key, value in entries.items())
+        for group, entries in entry_points.items())
+    for relative, text in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip())
+    return root

@@ -2,12 +2,11 @@
 lists its command, and nothing under common/ was edited for it."""
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import requests
 
-from tests.helpers import Stack, env_for, free_port
+from tests.helpers import Stack, env_for, free_port, write_plugin
 
 PACKAGE = {
     "throwaway_service/__init__.py": '''
@@ -50,25 +49,13 @@ PACKAGE = {
             print("wave from throwaway")
             return 0
     ''',
-    "throwaway_plugin-0.1.dist-info/METADATA": '''
-        Metadata-Version: 2.1
-        Name: throwaway-plugin
-        Version: 0.1
-    ''',
-    "throwaway_plugin-0.1.dist-info/entry_points.txt": '''
-        [labvault.services]
-        throwaway = throwaway_service:SERVICE
-    ''',
 }
 
 
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):
-    root = tmp_path / "plugin"
-    for name, text in PACKAGE.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip())
+    root = write_plugin(tmp_path / "plugin", "throwaway-plugin", PACKAGE,
+                        {"labvault.services": {"throwaway": "throwaway_service:SERVICE"}})
     monkeypatch.setenv("PYTHONPATH", str(root))
     return root
 

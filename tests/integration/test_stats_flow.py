@@ -106,6 +106,21 @@ def test_the_same_request_again_is_a_cache_hit(stack, ingested):
     assert body["seconds"] is not None and body["finished"]
 
 
+def test_a_forced_request_is_queued_and_run_by_a_worker(stack, ingested):
+    project, _ = ingested
+    entry = by_path(stats_of(stack, project, 3))["tables/c.csv"]
+    answer = requests.post(f"{stack.url('stats')}/operations/table_stats",
+                           json={"inputs": {"file_id": entry["file_id"]}, "force": True}, timeout=30)
+    assert answer.status_code == 202, answer.text
+    run_id = answer.json()["run_id"]
+    assert run_id != entry["runs"]["table_stats"] and answer.json()["state"] == "queued"
+    done = wait_for(lambda: (lambda r: r if r["state"] in ("ok", "failed") else None)(
+        requests.get(f"{stack.url('stats')}/operations/runs/{run_id}", timeout=30).json()), timeout=60,
+        message="the queued run")
+    assert done["state"] == "ok" and done["percent"] == 100 and done["result"]["rows"] == 4
+    assert done["attempts"] == 1 and "column_histograms.png" in done["outputs"]
+
+
 def test_a_new_input_rebuilds_exactly_what_depends_on_it(stack, ingested):
     project, _ = ingested
     before = stats_of(stack, project, 3)
