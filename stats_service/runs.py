@@ -181,7 +181,7 @@ class Engine:
         """``inputs`` if they satisfy the operation's schema, else 422 ``invalid_inputs`` naming the error."""
         import jsonschema
         if not isinstance(inputs, dict):
-            raise UnprocessableEntity('the body must be {"inputs": {...}}', code="invalid_inputs")
+            raise UnprocessableEntity('inputs must be an object: {"inputs": {...}}', code="invalid_inputs")
         validator = jsonschema.Draft202012Validator(operation.input_schema)
         error = jsonschema.exceptions.best_match(validator.iter_errors(inputs))
         if error is not None:

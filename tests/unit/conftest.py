@@ -108,6 +108,14 @@ def ingest_db(request, tmp_path):
 
 
 @pytest.fixture(params=DATABASES)
+def stats_db(request, tmp_path):
+    """An empty stats database (SQLite file or PostgreSQL), models bound to it."""
+    db = service_database(request, tmp_path, "stats")
+    yield db
+    dbmod.close_quietly(db)
+
+
+@pytest.fixture(params=DATABASES)
 def empty_database(request, tmp_path):
     """A database with no tables at all (SQLite file or PostgreSQL), for schema tests."""
     if request.param == "sqlite":
