@@ -118,6 +118,10 @@ class MetadataClient(ServiceClient):
         rows = self.query(objects, **filters)
         return rows[0] if rows else None
 
+    def delete(self, objects: str, **filters) -> None:
+        """Delete the rows matching ``filters`` (at least one; a list value means any of)."""
+        self.request("DELETE", f"/{objects}", params=filters)
+
 
 class PolicyClient(ServiceClient):
     service = "policy"
@@ -172,6 +176,20 @@ class ArchiveClient(ServiceClient):
         except LabvaultError as exc:
             if exc.status == 404:
                 return False
+            raise
+
+
+class IngestIdentityClient(ServiceClient):
+    """The ingest service's internal question: whose API token is this (by its SHA-256)?"""
+
+    service = "ingest"
+
+    def user_for_token(self, digest: str) -> int | None:
+        try:
+            return int(self.request("GET", f"/identity/tokens/{quote(digest)}").json()["user"])
+        except LabvaultError as exc:
+            if exc.status == 404:
+                return None
             raise
 
 

@@ -8,16 +8,21 @@ under ``/stats/files/<file_id>``.
 from __future__ import annotations
 
 import json
+import logging
 
 import cherrypy
 
 from common import migrations
+from common.auth import Identities
+from common.clients import IngestIdentityClient
 from common.errors import BadRequest, NotFound
 from common.settings import Settings
 from common.web import HealthMixin, int_param, json_body, make_application, read_json
-from stats_service import models, projects
-from stats_service.models import FileStats, ProjectStats, Run
+from stats_service import computed, downloads, models, projects
+from stats_service.models import ComputedFile, FileStats, IssuedDownload, ProjectStats, Run
 from stats_service.runs import Engine, run_document
+
+logger = logging.getLogger(__name__)
 
 MAX_INPUTS_BYTES = 64 * 1024
 
@@ -137,13 +142,153 @@ def _project_document(project: str, row: ProjectStats | None, skipped: str | Non
     return document
 
 
+class Tokens:
+    """``POST /tokens``, ``GET /tokens/terms``, ``GET|PUT /tokens/<token>`` (ScPCA's token contract)."""
+
+    exposed = True
+
+    def __init__(self, settings: Settings, identities: Identities):
+        self.settings = settings
+        self.identities = identities
+
+    def POST(self, *path, **_params):  # noqa: N802
+        if path:
+            raise NotFound("POST /tokens", code="not_found")
+        body = read_json(4096)
+        if not isinstance(body, dict):
+            raise BadRequest('the body must be {"email": ..., "is_activated": true}', code="invalid_request")
+        token, row = downloads.create_token(self.settings, body.get("email"), body.get("is_activated", False),
+                                            self._requester())
+        return json_body(downloads.token_document(row, token), 201)
+
+    def GET(self, *path, **_params):  # noqa: N802
+        if path == ("terms",):
+            return json_body({"terms_and_conditions": downloads.TERMS, "version": downloads.TERMS_VERSION})
+        row = downloads.find_token(path[0]) if len(path) == 1 else None
+        if row is None:
+            raise NotFound("no such token", code="token_not_found")
+        return json_body(downloads.token_document(row, path[0]))
+
+    def PUT(self, *path, **_params):  # noqa: N802
+        body = read_json(4096)
+        if len(path) != 1 or not isinstance(body, dict) or body.get("is_activated") is not True:
+            raise BadRequest('PUT /tokens/<token> {"is_activated": true} accepts the terms', code="invalid_request")
+        return json_body(downloads.token_document(downloads.activate(path[0]), path[0]))
+
+    def _requester(self) -> int | None:
+        """The labvault user asking, when the request says who it is; None for an anonymous token."""
+        request = cherrypy.serving.request
+        if "Authorization" not in request.headers and self.identities.authenticator.proxy_header \
+                not in request.headers:
+            return None
+        return self.identities.identify(request.headers, request.remote.ip).user
+
+
+class ComputedFiles:
+    """``GET /computed_files?project=P`` (no URLs) and ``GET /computed_files/<id>`` (a URL with an API-KEY)."""
+
+    exposed = True
+
+    def __init__(self, settings: Settings, engine: Engine):
+        self.settings = settings
+        self.engine = engine
+
+    def GET(self, *path, project=None, limit="100", offset="0", **_params):  # noqa: N802
+        if not path:
+            limit, offset = int_param("limit", limit), int_param("offset", offset)
+            if not 1 <= limit <= 1000 or not 0 <= offset <= 2 ** 31:
+                raise BadRequest("limit is 1 to 1000, offset 0 or more", code="invalid_paging")
+            return json_body(computed.listing(project, limit, offset))
+        if len(path) != 1 or not path[0].isdigit() or len(path[0]) > 18:
+            raise NotFound("GET /computed_files/<id>", code="computed_file_not_found")
+        row = ComputedFile.get_or_none(ComputedFile.id == int(path[0]))
+        if row is None:
+            raise NotFound(f"no computed file {path[0]}", code="computed_file_not_found")
+        document = computed.document(row)
+        api_key = cherrypy.serving.request.headers.get("API-KEY")
+        if api_key is not None:
+            token = downloads.valid_token(api_key)
+            downloads.require_access(self.settings, self.engine.catalog.directory, token, row.project)
+            if row.sha256 is not None:
+                document["download_url"], document["download_url_expires"] = self._url(row, token)
+        return json_body(document)
+
+    def _url(self, row: ComputedFile, token) -> tuple[str, str]:
+        seconds = self.settings.getfloat("downloads", "url_seconds")
+        path, expires = downloads.signed_path(row.id, seconds)
+        base = (self.settings.get("downloads", "public_url", "").strip() or self.settings.service_url("stats"))
+        downloads.record(token, f"computed_file {row.id}", "signed", expires)
+        return base.rstrip("/") + path, f"{expires:%Y-%m-%d %H:%M:%S}"
+
+
+class Download:
+    """``GET /download/computed/<id>?expires&signature`` (a signed URL), ``GET /download/transaction/<id>``
+    and ``GET /download/project/<id>`` (a tar, with an API-KEY)."""
+
+    exposed = True
+
+    def __init__(self, settings: Settings, engine: Engine):
+        self.settings = settings
+        self.engine = engine
+
+    def GET(self, *path, expires=None, signature=None, **_params):  # noqa: N802
+        if len(path) != 2 or path[0] not in ("computed", "transaction", "project"):
+            raise NotFound("GET /download/computed|transaction|project/<id>", code="not_found")
+        if path[0] == "computed":
+            return self._computed(path[1], expires, signature)
+        token = downloads.valid_token(cherrypy.serving.request.headers.get("API-KEY"))
+        if path[0] == "transaction":
+            project, records = self._transaction(int_param("transaction", path[1]))
+        else:
+            project = str(self.engine.catalog.require_project(path[1])["_id"])
+            records = self.engine.catalog.files_of_project(project)
+        downloads.require_access(self.settings, self.engine.catalog.directory, token, project)
+        grant = downloads.record(token, f"{path[0]} {path[1][:200]}", "stream")
+        name = f"{path[0]}_{path[1]}.tar".replace("/", "_")
+        response = cherrypy.serving.response
+        response.headers.update({"Content-Type": "application/x-tar", "X-Content-Type-Options": "nosniff",
+                                 "Content-Disposition": f'attachment; filename="{_safe_filename(name)}"'})
+
+        def broken(message: str) -> None:
+            logger.error("download %s cut short: %s", grant.what, message)
+            IssuedDownload.update(error=message[:2000]).where(IssuedDownload.id == grant.id).execute()
+        return downloads.stream_tar(self.engine, records, broken)
+
+    def _transaction(self, transaction: int):
+        row = self.engine.metadata.first("transactions", _id=transaction) if transaction < 2 ** 63 else None
+        if row is None or row.get("deleted") is not None:
+            raise NotFound(f"no transaction {transaction}", code="transaction_not_found")
+        records = [record for record in self.engine.catalog.files_of_project(str(row["project"]))
+                   if record.transaction == transaction]
+        return str(row["project"]), records
+
+    def _computed(self, raw_id: str, expires, signature):
+        if not raw_id.isdigit() or len(raw_id) > 18:
+            raise NotFound("no such computed file", code="computed_file_not_found")
+        downloads.check_signature(int(raw_id), expires, signature)
+        row = ComputedFile.get_or_none(ComputedFile.id == int(raw_id))
+        if row is None or row.run is None or row.output is None:
+            raise NotFound(f"no computed file {raw_id}", code="computed_file_not_found")
+        output = models.RunOutput.get((models.RunOutput.run == row.run) & (models.RunOutput.name == row.output))
+        cherrypy.serving.response.headers["Content-Disposition"] = \
+            f'attachment; filename="{_safe_filename(row.filename)}"'
+        return _serve_output(self.engine, output)
+
+
+def _safe_filename(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:200] or "download"
+
+
 class Root(HealthMixin):
     exposed = True
     service_title = "Stats"
 
-    def __init__(self, engine: Engine, enqueue_run):
+    def __init__(self, settings: Settings, engine: Engine, enqueue_run, identities: Identities):
         self.operations = Operations(engine, enqueue_run)
         self.stats = Stats(engine)
+        self.tokens = Tokens(settings, identities)
+        self.computed_files = ComputedFiles(settings, engine)
+        self.download = Download(settings, engine)
 
 
 def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Application:
@@ -151,6 +296,9 @@ def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Applica
     from stats_service.tasks import enqueue_run
     db = migrations.bind_service(models.database, settings.database_url("stats"), models.SCHEMA, check_schema)
     engine = Engine(settings)
-    # A response streamed from the archive must not be buffered whole.
-    return make_application(Root(engine, lambda run_id: enqueue_run(settings, run_id)), db=db,
-                            extra={"/stats": {"response.stream": True}})
+    asking = IngestIdentityClient(settings)
+    identities = Identities(settings, engine.metadata, asking.user_for_token)
+    root = Root(settings, engine, lambda run_id: enqueue_run(settings, run_id), identities)
+    # Responses streamed from the archive must not be buffered whole.
+    return make_application(root, db=db, extra={"/stats": {"response.stream": True},
+                                                  "/download": {"response.stream": True}})

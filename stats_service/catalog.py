@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
+from common.access import Directory
 from common.clients import MetadataClient
 from common.errors import LabvaultError, NotFound
 
@@ -55,6 +56,7 @@ class Catalog:
 
     def __init__(self, metadata: MetadataClient):
         self.metadata = metadata
+        self.directory = Directory(metadata)
 
     def project(self, project_id: str) -> dict | None:
         try:
@@ -93,12 +95,45 @@ class Catalog:
 
     def files_of_project(self, project_id: str) -> list[FileRecord]:
         """Every live file of the project's transactions, by file id."""
-        transactions = [row["_id"] for row in self._all("transactions", project=str(project_id)) if _live(row)]
-        files = []
-        for start in range(0, len(transactions), 100):
-            files.extend(_record(row, str(project_id))
-                         for row in self._all("files", transaction=transactions[start:start + 100]) if _live(row))
+        transactions = {row["_id"] for row in self._all("transactions", project=str(project_id)) if _live(row)}
+        files = [_record(row, str(project_id)) for row in self._by("files", "transaction", transactions)]
         return sorted(files, key=lambda record: record.file_id)
+
+    def describe(self, files: list[FileRecord]) -> list[dict[str, Any]]:
+        """Each file with its transaction's submitter and instrument and its key/values (the
+        transaction's, then the file's own, which win for a key both have; several values of
+        one key become a list), as ``metadata.tsv`` and the sample layout need them."""
+        transactions = {row["_id"]: row for row in self._by("transactions", "_id", {f.transaction for f in files})}
+        trans_pairs = self._by("trans_key_value", "transaction", set(transactions))
+        file_pairs = self._by("file_key_value", "file", {f.file_id for f in files})
+        keys = {row["_id"]: row["key"] for row in self._by("keys", "_id", {p["key"] for p in trans_pairs + file_pairs})}
+        values = {row["_id"]: row["value"]
+                  for row in self._by("values", "_id", {p["value"] for p in trans_pairs + file_pairs})}
+
+        def gather(pairs, owner: str) -> dict[Any, dict[str, list[str]]]:
+            found: dict[Any, dict[str, list[str]]] = {}
+            for pair in pairs:
+                if pair["key"] in keys and pair["value"] in values:
+                    found.setdefault(pair[owner], {}).setdefault(keys[pair["key"]], []).append(values[pair["value"]])
+            return found
+        by_transaction, by_file = gather(trans_pairs, "transaction"), gather(file_pairs, "file")
+        described = []
+        for record in files:
+            transaction = transactions.get(record.transaction, {})
+            merged = {**by_transaction.get(record.transaction, {}), **by_file.get(record.file_id, {})}
+            described.append({"record": record, "submitter": transaction.get("submitter"),
+                              "instrument": transaction.get("instrument"),
+                              "keys": {key: sorted(vals) if len(vals) > 1 else vals[0]
+                                       for key, vals in sorted(merged.items())}})
+        return described
+
+    def _by(self, objects: str, field: str, ids: set) -> list[dict]:
+        """Live rows of ``objects`` whose ``field`` is one of ``ids`` (asked 100 at a time)."""
+        ids = sorted(ids, key=str)
+        found: list[dict] = []
+        for start in range(0, len(ids), 100):
+            found.extend(row for row in self._all(objects, **{field: ids[start:start + 100]}) if _live(row))
+        return found
 
     def _all(self, objects: str, **filters) -> Iterator[dict]:
         page = 1

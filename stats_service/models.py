@@ -102,6 +102,80 @@ class FileStats(peewee.Model):
         table_name = "stats_file"
 
 
+class ComputedFile(peewee.Model):
+    """A ready-made download of a project (or one of its samples): the newest build of its kind."""
+
+    id = peewee.AutoField()
+    project = peewee.CharField(max_length=255, index=True)
+    # "" for a whole-project file; the sample's name for a sample package.
+    sample = peewee.CharField(max_length=255, default="")
+    kind = peewee.CharField(max_length=32)   # project_zip | sample_zip | metadata_zip | merged_anndata
+    run = peewee.CharField(max_length=32, null=True)
+    output = peewee.CharField(max_length=200, null=True)  # the run's output holding the bytes
+    filename = peewee.CharField(max_length=300, default="")
+    size = peewee.BigIntegerField(null=True)
+    sha256 = peewee.CharField(max_length=64, null=True)
+    # Why there is no file (merged AnnData of one file, incompatible genes, too many cells).
+    skipped_code = peewee.CharField(max_length=64, null=True)
+    skipped_reason = peewee.TextField(null=True)
+    created = peewee.DateTimeField(default=utcnow)
+    updated = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        database = database
+        table_name = "stats_computed_file"
+        indexes = ((("project", "sample", "kind"), True),)
+
+
+class DownloadToken(peewee.Model):
+    """An API token for downloads (ScPCA's API-KEY); only its SHA-256 is kept."""
+
+    digest = peewee.CharField(max_length=64, primary_key=True)
+    email = peewee.CharField(max_length=254)
+    is_activated = peewee.BooleanField(default=False)
+    terms_version = peewee.CharField(max_length=16, null=True)
+    # The labvault user who asked for it (identified as the ingest service identifies uploaders);
+    # None when it was made anonymously: such a token opens public projects only.
+    user = peewee.BigIntegerField(null=True)
+    created = peewee.DateTimeField(default=utcnow)
+    expires = peewee.DateTimeField()
+    revoked = peewee.DateTimeField(null=True)
+
+    class Meta:
+        database = database
+        table_name = "stats_download_token"
+
+
+class IssuedDownload(peewee.Model):
+    """Every download URL handed out, and every streamed download, with the token behind it."""
+
+    id = peewee.AutoField()
+    token = peewee.CharField(max_length=64, index=True)
+    what = peewee.CharField(max_length=300)      # "computed_file 7", "transaction 12", "project 1234a"
+    url_kind = peewee.CharField(max_length=16)   # signed | s3 | stream
+    created = peewee.DateTimeField(default=utcnow)
+    expires = peewee.DateTimeField(null=True)
+    # A download that broke (a stored file no longer matching its digest): code and message.
+    error = peewee.TextField(null=True)
+
+    class Meta:
+        database = database
+        table_name = "stats_issued_download"
+
+
+class Secret(peewee.Model):
+    """Secrets every stats process must share (the URL-signing key), made once on first use."""
+
+    name = peewee.CharField(max_length=64, primary_key=True)
+    value = peewee.CharField(max_length=128)
+
+    class Meta:
+        database = database
+        table_name = "stats_secret"
+
+
 SCHEMA = Schema("stats", [
-    Migration((1, 0), "runs, outputs, project and file stats", create_tables(Run, RunOutput, ProjectStats, FileStats)),
+    Migration((1, 0), "runs, outputs, project and file stats, computed files, download tokens",
+              create_tables(Run, RunOutput, ProjectStats, FileStats, ComputedFile, DownloadToken, IssuedDownload,
+                            Secret)),
 ])

@@ -20,7 +20,7 @@ from typing import Any
 from common.db import close_quietly, utcnow
 from common.errors import LabvaultError
 from common.heartbeat import Heartbeat
-from stats_service import models
+from stats_service import computed, models
 from stats_service.catalog import FileRecord
 from stats_service.models import FAILED, OK, FileStats, ProjectStats, Run
 from stats_service.runs import Engine, canonical, holder_name
@@ -101,6 +101,8 @@ def _build(engine: Engine, project: str, force: bool) -> str:
         if any(entry["state"] == OK for entry in entries):
             figures_run = engine.obtain(PROJECT_OPERATION, {"project": project}, force)
         summary = _summary(engine, project, files, entries, figures_run)
+        # The downloads come after the statistics: a project's computed files are as current as they.
+        computed.build_all(engine, project, force)
     except LabvaultError as error:
         # The metadata or archive service away: the next refresh tries again.
         ProjectStats.update(state=FAILED, error=error.as_exception_text()).where(

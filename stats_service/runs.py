@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 from common.clients import ArchiveClient, MetadataClient, make_session
 from common.db import close_quietly, utcnow
@@ -96,6 +96,61 @@ def _time(value: datetime.datetime | None) -> str | None:
     return None if value is None else f"{value:%Y-%m-%d %H:%M:%S}"
 
 
+class VerifyingReader:
+    """Reads a stream that must be ``size`` bytes hashing to ``hashtype:hashsum``; at its end a
+    stream that is not raises ``Conflict`` ``input_corrupt`` (naming ``label``, never a path on
+    a server), so a consumer never finishes with wrong bytes."""
+
+    def __init__(self, raw: BinaryIO, size: int, hashtype: str, hashsum: str, label: str):
+        self._raw, self.size, self.label = raw, size, label
+        self._hasher = new_hasher(hashtype) if hashtype and hashsum else None
+        self._expected = (hashsum or "").lower()
+        self._seen = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size if size is not None and size >= 0 else CHUNK_SIZE)
+        self._seen += len(data)
+        if self._hasher is not None:
+            self._hasher.update(data)
+        # Checked as soon as the declared size is reached (a reader that knows the size may never
+        # ask for the end) and again at the end (more bytes than declared).
+        if not data or self._seen >= self.size:
+            self._check()
+        return data
+
+    def _check(self) -> None:
+        if self._seen != self.size or (self._hasher is not None and self._hasher.hexdigest() != self._expected):
+            raise Conflict(f"{self.label[:200]} no longer matches its recorded digest", code="input_corrupt")
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class _ClosingStream:
+    """An HTTP response body as a readable stream that gives the connection back when closed."""
+
+    def __init__(self, response):
+        self._response = response
+
+    def read(self, size: int = -1) -> bytes:
+        return self._response.raw.read(None if size is None or size < 0 else size)
+
+    def close(self) -> None:
+        self._response.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 @dataclass
 class RunContext:
     """What a running operation sees: its inputs and files, progress, outputs, other runs."""
@@ -149,6 +204,12 @@ class RunContext:
         """The ``ok`` run of another operation (cached, or run now in this process)."""
         return self.engine.obtain(operation, inputs)
 
+    def open_archived(self, file_id: int) -> BinaryIO:
+        """A file-like stream of an archived file's bytes, straight from the archive (not seekable)."""
+        response = self.archive.get(file_id)
+        response.raw.decode_content = True
+        return _ClosingStream(response)
+
     def output_bytes(self, run: Run, name: str) -> bytes:
         return self.engine.output_bytes(run, name)
 
@@ -161,6 +222,8 @@ class Engine:
         session = make_session()
         self.settings = settings
         self.operations = discover() if operations is None else operations
+        for operation in self.operations.values():
+            operation.settings = settings
         self.metadata = metadata or MetadataClient(settings, session)
         self.archive = archive or ArchiveClient(settings, session)
         self.catalog = Catalog(self.metadata)
@@ -196,6 +259,7 @@ class Engine:
         inputs = self.validate(operation, inputs)
         files = operation.input_files(inputs, self.catalog)
         digests = {str(record.file_id): record.digest for record in files}
+        digests.update(operation.extra_digests(inputs, files, self.catalog))
         key = cache_key(operation, inputs, digests)
         if not force:
             hit = Run.select().where((Run.cache_key == key) & (Run.state == OK)).order_by(Run.finished.desc()).first()
@@ -265,7 +329,9 @@ class Engine:
                             seconds=round(time.monotonic() - started, 3), claimed_by=None)
                  .where((Run.run_id == run_id) & (Run.claimed_by == holder)).execute())
                 logger.info("run %s (%s): ok, %d output(s)", run_id, run.operation, len(stored))
-                return Run.get_by_id(run_id)
+                finished = Run.get_by_id(run_id)
+                operation.finished(self, finished)
+                return finished
         except LabvaultError as error:
             return self._fail(run, error, time.monotonic() - started)
         except Exception:  # noqa: BLE001 - a failing operation fails its run, never the worker

@@ -95,12 +95,15 @@ def fixture_bundle(metadata_file: str | Path, metadata_last: bool = False) -> by
     return make_tar(members + [entry] if metadata_last else [entry] + members)
 
 
-def payload_bundle(payload: dict[str, bytes], submitter=10, project="1234a", instrument=54) -> bytes:
+def payload_bundle(payload: dict[str, bytes], submitter=10, project="1234a", instrument=54,
+                   keys: dict[str, str] | None = None) -> bytes:
     """A bundle of ``payload`` (path under data/ -> bytes) with sha1 Files entries, for the seed's
-    submitter, project and instrument."""
+    submitter, project and instrument, with transaction ``keys``."""
     document = [{"destinationTable": "Transactions.submitter", "value": submitter},
                 {"destinationTable": "Transactions.project", "value": project},
                 {"destinationTable": "Transactions.instrument", "value": instrument}]
+    document += [{"destinationTable": "TransactionKeyValue", "key": key, "value": value}
+                 for key, value in (keys or {}).items()]
     for path, raw in payload.items():
         subdir, _, name = path.rpartition("/")
         document.append({"destinationTable": "Files", "name": name, "subdir": subdir, "size": len(raw),

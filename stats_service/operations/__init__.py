@@ -16,6 +16,10 @@ BUILTIN = (
     "stats_service.operations.anndata_qc:AnnDataQC",
     "stats_service.operations.table_stats:TableStats",
     "stats_service.operations.project_figures:ProjectFigures",
+    "stats_service.operations.computed:ProjectZip",
+    "stats_service.operations.computed:SampleZip",
+    "stats_service.operations.computed:MetadataZip",
+    "stats_service.operations.computed:MergedAnnData",
 )
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from common.errors import UnprocessableEntity
 
 if TYPE_CHECKING:  # the engine imports this module
+    from common.settings import Settings
     from stats_service.catalog import Catalog, FileRecord
     from stats_service.runs import RunContext
 
@@ -41,6 +42,8 @@ class Operation:
     # Kinds of input it applies to ("anndata", "table", "other", "project"); the project
     # build runs every operation that applies to a file's kind on that file.
     applies_to: ClassVar[tuple[str, ...]] = ()
+    # The deployment's settings, given by the engine that runs the operation (None in isolation).
+    settings: Settings | None = None
 
     def input_files(self, inputs: dict, catalog: Catalog) -> list[FileRecord]:
         """The files the result depends on: their digests are part of the cache key."""
@@ -55,6 +58,13 @@ class Operation:
                                           code="unknown_input")
             return catalog.files_of_project(inputs["project"])
         return []
+
+    def finished(self, engine, run) -> None:
+        """Called once a run of this operation ended ``ok`` and its outputs are stored."""
+
+    def extra_digests(self, inputs: dict, files: list[FileRecord], catalog: Catalog) -> dict[str, str]:
+        """Digests of what else the result depends on (metadata, a template), keyed apart from file ids."""
+        return {}
 
     def run(self, context: RunContext) -> dict[str, Any]:
         """Compute; report progress with ``context.progress``, add files with ``context.add_output``;
