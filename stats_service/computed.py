@@ -14,10 +14,19 @@ from typing import Any
 from common.db import utcnow
 from stats_service.catalog import ANNDATA
 from stats_service.models import OK, ComputedFile, Run, RunOutput
-from stats_service.operations.computed import (MERGED, METADATA_ZIP, NO_SAMPLE, PROJECT_ZIP, SAMPLE_ZIP,
-                                               sample_of)
 
 logger = logging.getLogger(__name__)
+
+PROJECT_ZIP, SAMPLE_ZIP, METADATA_ZIP, MERGED = "project_zip", "sample_zip", "metadata_zip", "merged_anndata"
+NO_SAMPLE = "NA"
+
+
+def sample_of(described: dict, key: str) -> str:
+    """A file's sample: its (or its transaction's) ``key`` value; ``NA`` when it has none."""
+    value = described["keys"].get(key)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return str(value) if value not in (None, "") else NO_SAMPLE
 
 OUTPUT_OF = {PROJECT_ZIP: "package.zip", SAMPLE_ZIP: "package.zip", METADATA_ZIP: "package.zip",
              MERGED: "merged.h5ad"}

@@ -21,9 +21,8 @@ import socket
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from common.clients import ArchiveClient, MetadataClient, make_session
@@ -33,10 +32,10 @@ from common.hashing import CHUNK_SIZE, new_hasher
 from common.heartbeat import Heartbeat
 from common.settings import Settings
 from stats_service import models
-from stats_service.catalog import Catalog, FileRecord
+from stats_service.catalog import Catalog
 from stats_service.models import FAILED, OK, QUEUED, RUNNING, Run, RunOutput
 from stats_service.operations import discover
-from stats_service.operations.base import Operation
+from stats_service.operations.base import Operation, RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -149,69 +148,6 @@ class _ClosingStream:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-@dataclass
-class RunContext:
-    """What a running operation sees: its inputs and files, progress, outputs, other runs."""
-
-    engine: Engine
-    run: Run
-    inputs: dict
-    files: list[FileRecord]
-    workdir: Path
-    outputs: dict[str, tuple[Path, str]] = field(default_factory=dict)
-    _last_progress: float = 0.0
-
-    @property
-    def settings(self) -> Settings:
-        return self.engine.settings
-
-    @property
-    def catalog(self) -> Catalog:
-        return self.engine.catalog
-
-    def progress(self, percent: float, message: str = "") -> None:
-        """Record 0-100 progress (at most twice a second)."""
-        now = time.monotonic()
-        if now - self._last_progress < 0.5 and percent < 100:
-            return
-        self._last_progress = now
-        (Run.update(percent=max(0.0, min(100.0, float(percent))), message=message[:500], heartbeat=utcnow())
-         .where(Run.run_id == self.run.run_id).execute())
-
-    def fetch(self, record: FileRecord) -> Path:
-        """The archived bytes of ``record`` in a private temporary file, verified against its digest."""
-        # The name keeps its suffix: readers tell .tsv from .csv by it.
-        target = self.workdir / f"input-{record.file_id}{PurePosixPath(record.name).suffix[:16]}"
-        if not target.exists():
-            self.engine.download(record.file_id, target, record.hashtype, record.hashsum)
-        return target
-
-    def path(self, name: str) -> Path:
-        """A private temporary path to write an output (or scratch data) to."""
-        return self.workdir / f"out-{len(self.outputs)}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-
-    def add_output(self, name: str, data: bytes | Path, content_type: str) -> None:
-        """Keep ``data`` (bytes, or a file from ``path``) as output ``name`` of this run."""
-        if isinstance(data, (bytes, bytearray)):
-            target = self.path(name)
-            target.write_bytes(data)
-            data = target
-        self.outputs[name] = (Path(data), content_type)
-
-    def obtain(self, operation: str, inputs: dict) -> Run:
-        """The ``ok`` run of another operation (cached, or run now in this process)."""
-        return self.engine.obtain(operation, inputs)
-
-    def open_archived(self, file_id: int) -> BinaryIO:
-        """A file-like stream of an archived file's bytes, straight from the archive (not seekable)."""
-        response = self.archive.get(file_id)
-        response.raw.decode_content = True
-        return _ClosingStream(response)
-
-    def output_bytes(self, run: Run, name: str) -> bytes:
-        return self.engine.output_bytes(run, name)
 
 
 class Engine:
@@ -393,6 +329,12 @@ class Engine:
         if output is None:
             raise NotFound(f"run {run.run_id} has no output {str(name)[:100]!r}", code="output_not_found")
         return output
+
+    def open_archived(self, file_id: int) -> BinaryIO:
+        """A file-like stream of an archived file's bytes, straight from the archive (not seekable)."""
+        response = self.archive.get(file_id)
+        response.raw.decode_content = True
+        return _ClosingStream(response)
 
     def output_bytes(self, run: Run, name: str) -> bytes:
         with self.archive.get(self.output(run, name).archive_id) as response:

@@ -9,14 +9,17 @@ the ``labvault.operations`` entry-point group (each entry names an ``Operation``
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
 
+from common.db import utcnow
 from common.errors import UnprocessableEntity
-
-if TYPE_CHECKING:  # the engine imports this module
-    from common.settings import Settings
-    from stats_service.catalog import Catalog, FileRecord
-    from stats_service.runs import RunContext
+from common.settings import Settings
+from stats_service.catalog import Catalog, FileRecord
+from stats_service.models import Run
 
 FILE_INPUT = {
     "type": "object",
@@ -74,3 +77,60 @@ class Operation:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "description": self.description,
                 "input_schema": self.input_schema, "applies_to": list(self.applies_to)}
+
+
+@dataclass
+class RunContext:
+    """What a running operation sees: its inputs and files, progress, outputs, other runs."""
+
+    engine: Any  # the stats_service.runs.Engine running it
+    run: Run
+    inputs: dict
+    files: list[FileRecord]
+    workdir: Path
+    outputs: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    _last_progress: float = 0.0
+
+    @property
+    def settings(self) -> Settings:
+        return self.engine.settings
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.engine.catalog
+
+    def progress(self, percent: float, message: str = "") -> None:
+        """Record 0-100 progress (at most twice a second)."""
+        now = time.monotonic()
+        if now - self._last_progress < 0.5 and percent < 100:
+            return
+        self._last_progress = now
+        (Run.update(percent=max(0.0, min(100.0, float(percent))), message=message[:500], heartbeat=utcnow())
+         .where(Run.run_id == self.run.run_id).execute())
+
+    def fetch(self, record: FileRecord) -> Path:
+        """The archived bytes of ``record`` in a private temporary file, verified against its digest."""
+        # The name keeps its suffix: readers tell .tsv from .csv by it.
+        target = self.workdir / f"input-{record.file_id}{PurePosixPath(record.name).suffix[:16]}"
+        if not target.exists():
+            self.engine.download(record.file_id, target, record.hashtype, record.hashsum)
+        return target
+
+    def path(self, name: str) -> Path:
+        """A private temporary path to write an output (or scratch data) to."""
+        return self.workdir / f"out-{len(self.outputs)}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+    def add_output(self, name: str, data: bytes | Path, content_type: str) -> None:
+        """Keep ``data`` (bytes, or a file from ``path``) as output ``name`` of this run."""
+        if isinstance(data, (bytes, bytearray)):
+            target = self.path(name)
+            target.write_bytes(data)
+            data = target
+        self.outputs[name] = (Path(data), content_type)
+
+    def obtain(self, operation: str, inputs: dict) -> Run:
+        """The ``ok`` run of another operation (cached, or run now in this process)."""
+        return self.engine.obtain(operation, inputs)
+
+    def output_bytes(self, run: Run, name: str) -> bytes:
+        return self.engine.output_bytes(run, name)

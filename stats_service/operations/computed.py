@@ -12,23 +12,15 @@ import hashlib
 from typing import Any, ClassVar
 
 from common.errors import UnprocessableEntity
+from stats_service import computed
 from stats_service.catalog import ANNDATA, FileRecord
+from stats_service.computed import MERGED, METADATA_ZIP, PROJECT_ZIP, SAMPLE_ZIP, sample_of
 from stats_service.operations.base import Operation
 from stats_service.runs import VerifyingReader, canonical
 
-PROJECT_ZIP, SAMPLE_ZIP, METADATA_ZIP, MERGED = "project_zip", "sample_zip", "metadata_zip", "merged_anndata"
-NO_SAMPLE = "NA"
 
 _PROJECT = {"type": "string", "minLength": 1, "maxLength": 255}
 _SAMPLE = {"type": "string", "minLength": 1, "maxLength": 255}
-
-
-def sample_of(described: dict, key: str) -> str:
-    """A file's sample: its (or its transaction's) ``key`` value; ``NA`` when it has none."""
-    value = described["keys"].get(key)
-    if isinstance(value, list):
-        value = value[0] if value else None
-    return str(value) if value not in (None, "") else NO_SAMPLE
 
 
 def tsv_rows(described: list[dict], key: str) -> list[dict[str, Any]]:
@@ -66,7 +58,6 @@ class _Package(Operation):
 
     def finished(self, engine, run) -> None:
         """Register the newest build as the project's (or sample's) computed file of this kind."""
-        from stats_service import computed
         computed.register(engine, self.kind, run)
 
     def input_files(self, inputs, catalog):
