@@ -8,7 +8,9 @@ previous run left unfinished with its reaper: the job table is the truth, every 
 quiet since this start has no live run, so it is enqueued again, or failed when its
 upload never finished or its attempts are used up), start a worker with Celery beat
 in it (the services' periodic tasks, the reaper among them), print where everything
-listens, and on SIGINT or SIGTERM stop it all.
+listens, and on SIGINT or SIGTERM stop it all: the worker first (its running jobs are
+handed back unfinished, not failed, and the next ``labvault up`` re-drives them), the
+services last.
 
 A worker that dies is started again (its whole process group killed first), up to
 ``WORKER_RESTARTS`` times in ``RESTART_WINDOW`` seconds; the jobs it was running are
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+# A worker's running jobs give themselves back at their next file or step.
+WORKER_STOP_TIMEOUT = 60.0
 WORKER = "worker"
 WORKER_COMMAND = ["worker", "--beat"]
 WORKER_RESTARTS = 5
@@ -163,11 +167,22 @@ class Supervisor:
         return None
 
     def stop_all(self) -> None:
-        for child in self.children.values():
-            if child.poll() is None:
-                child.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for name, child in self.children.items():
+        """The worker first, the services after: a stopping worker gives its jobs back (Celery's
+        warm shutdown), and while it does, the services its jobs call must still answer."""
+        if WORKER in self.children:
+            self._stop([WORKER], WORKER_STOP_TIMEOUT)
+        self._stop([name for name in self.children if name != WORKER], STOP_TIMEOUT)
+        if self.children:
+            print("labvault: stopped", file=self.out, flush=True)
+        self.children.clear()
+
+    def _stop(self, names: list[str], timeout: float) -> None:
+        for name in names:
+            if self.children[name].poll() is None:
+                self.children[name].terminate()
+        deadline = time.monotonic() + timeout
+        for name in names:
+            child = self.children[name]
             try:
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -178,9 +193,6 @@ class Supervisor:
             _kill_group(child.pid)
             with contextlib.suppress(OSError):
                 (self.run_dir / f"{name}.pid").unlink()
-        if self.children:
-            print("labvault: stopped", file=self.out, flush=True)
-        self.children.clear()
 
     def _on_signal(self, signum, frame) -> None:
         self._stopping = True
