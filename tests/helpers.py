@@ -42,9 +42,12 @@ def make_settings(data_dir: Path, **sections) -> Settings:
 
 @contextlib.contextmanager
 def serve_wsgi(application, port: int | None = None) -> Iterator[str]:
-    """Serve a WSGI application on a free loopback port in a thread; yields its base URL."""
+    """Serve a WSGI application on a free loopback port in a thread, guarded as ``labvault serve``
+    guards it (``common.web.outermost``, ``guard_server``); yields its base URL."""
+    from common.web import guard_server, outermost
     port = port or free_port()
-    server = wsgi.Server(("127.0.0.1", port), application, numthreads=8)
+    server = wsgi.Server(("127.0.0.1", port), outermost(application), numthreads=8)
+    guard_server(server)
     server.prepare()
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
