@@ -47,7 +47,7 @@ def _on_worker_shutting_down(**_kwargs) -> None:
 
 def shutting_down() -> bool:
     """True in a worker (main or pool process) that has begun its warm shutdown: a long task
-    should give its work back (see ``ingest_service.pipeline``) rather than run on against
+    should give its work back (the ingest pipeline does) rather than run on against
     services that may be stopping too."""
     return _shutdown_flag is not None and _shutdown_flag.is_set()
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,7 +67,12 @@ class Supervisor:
         self.log_dir.mkdir(exist_ok=True)
         self.run_dir = data_dir / "run"
         self.run_dir.mkdir(exist_ok=True)
-        print(f"labvault: data directory {data_dir}", file=self.out)
+        with self.only_up_on_this_directory():
+            return self._run()
+
+    def _run(self) -> int:
+        print(f"labvault: data directory {self.settings.data_dir}", file=self.out)
+        self.check_ports_free()
         sync_all(self.settings, self.out)
         # Nothing of this deployment runs yet: a job quiet since this moment has no live run.
         started = utcnow()
@@ -86,10 +93,48 @@ class Supervisor:
                 print(f"  {service.name:<9} {service.url(self.settings)}", file=self.out)
             print(f"  worker    queues {', '.join(registry.queues())}; periodic tasks by beat; "
                   f"logs in {self.log_dir}", file=self.out)
+            self.print_auth_mode()
             print("labvault: up; Ctrl-C stops everything", file=self.out, flush=True)
             return self.watch()
         finally:
             self.stop_all()
+
+    @contextlib.contextmanager
+    def only_up_on_this_directory(self):
+        """Hold ``<data dir>/run/up.lock`` while running: a second ``up`` on the same data directory
+        is refused before it touches anything (pid files, the broker's queue, the ports)."""
+        with open(self.run_dir / "up.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "?"
+                raise SystemExit(f"labvault: another 'labvault up' (pid {holder}) runs on {self.settings.data_dir}; "
+                                 "stop it first (Ctrl-C in its terminal, or kill -TERM that pid)") from None
+            lock.truncate(0)
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+            yield
+
+    def check_ports_free(self) -> None:
+        """Each service's address must be free, or `up` would take whatever answers there for its own."""
+        for service in self.services:
+            host, port = service.bind_address(self.settings)
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, port))
+                except OSError as exc:
+                    raise SystemExit(f"labvault: the {service.name} service cannot listen on {host}:{port}: "
+                                     f"{exc.strerror or exc}; stop what uses it, or set "
+                                     f"LABVAULT_{service.name.upper()}_PORT (or [{service.name}] port)") from None
+
+    def print_auth_mode(self) -> None:
+        mode = self.settings.get("auth", "mode", "open")
+        print(f"labvault: auth mode {mode}", file=self.out)
+        if mode == "open":
+            print("labvault: WARNING: open mode: anyone who can reach the ingest service uploads as any "
+                  "submitter and sees every job; keep it on loopback, or set [auth] mode = token", file=self.out)
 
     def drop_queued_messages(self) -> None:
         """Empty the filesystem broker's queue: the reaper enqueues again what still has to run."""

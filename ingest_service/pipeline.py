@@ -375,7 +375,15 @@ class JobRun:
                 return HashingReader(opener(), length=size, on_read=on_read)
 
             file_id = self.file_ids[declared.position]
-            answer = self.context.archive.put(file_id, fresh_body, declared.hashtype, declared.hashsum, mtime)
+            try:
+                answer = self.context.archive.put(file_id, fresh_body, declared.hashtype, declared.hashsum, mtime)
+            except LabvaultError as error:
+                # task_percent where the job stopped (the bytes of this file did not count), and
+                # the member's path in the bundle, not the archive's internal file id.
+                self._progress(finished / total, force=True)
+                what = (f"its {declared.hashtype} is not the declared {declared.hashsum}"
+                        if error.code == "hash_mismatch" else error.message)
+                raise LabvaultError(f"data/{declared.key[:200]}: {what}", code=error.code) from None
             if int(answer.get("total_bytes", -1)) != declared.size:
                 raise LabvaultError(f"archive stored {answer.get('total_bytes')} bytes of data/{declared.key[:200]}, "
                                     f"expected {declared.size}", code="size_mismatch")
