@@ -22,7 +22,7 @@ def add_commands(add) -> None:
                      help="the percent to record (default: keep the job's current one)")
     job.add_argument("--exception", default="", help="the failure text, 'code: message'")
     job.add_argument("--force", action="store_true",
-                     help="allow turning a finished OK job into FAILED (its files and metadata are removed)")
+                     help="allow turning a finished OK job into FAILED (its archived files are removed)")
     add("reap", cmd_reap, "Re-enqueue unfinished jobs that nobody runs; fail those out of attempts "
                           "or whose upload never finished.")
     token = add("token", cmd_token, "Create, list or revoke per-user API tokens ([auth] mode = token).")
