@@ -9,7 +9,7 @@ from common import migrations
 from common.celery_app import make_celery
 from common.clients import MetadataClient
 from common.db import request_connection
-from common.errors import BadRequest, LabvaultError, MethodNotAllowed, NotFound, PayloadTooLarge
+from common.errors import BadRequest, LabvaultError, MethodNotAllowed, NotFound
 from common.settings import Settings
 from common.web import (
     HealthMixin,
