@@ -10,7 +10,9 @@ by reading only its shapes and names, so a refusal (``MergeSkipped``) writes not
 What the merged file keeps: ``X``, ``raw.X`` with ``raw.var``, the ``obs`` columns common to
 every input plus ``labvault_sample`` and ``labvault_file``, and the ``var`` columns equal in
 every input. Layers, ``obsm``, ``obsp`` and ``uns`` are left out: they differ per sample and
-dense ones would need dask. Heavy libraries are imported inside the functions.
+dense ones would need dask. Memory grows with the obs and var tables (concat_on_disk reads
+them whole; a few dozen bytes a cell), never with the matrices. Heavy libraries are
+imported inside the functions.
 """
 from __future__ import annotations
 
@@ -121,23 +123,30 @@ def _describe(path: Path, sample: str, label: str) -> _Input:
     except OSError:
         raise StatsInputError(f"{label}: not an HDF5 (AnnData) file", code=NOT_HDF5) from None
     with handle:
-        if "X" not in handle:
-            raise StatsInputError(f"{label}: has no X matrix", code=MISSING_MATRIX)
-        if "obs" not in handle or "var" not in handle:
-            raise StatsInputError(f"{label}: has no obs or var table", code=INVALID_MATRIX)
-        cells = len(handle["obs"][_index_key(handle["obs"])])
-        genes = _names(handle["var"])
-        encoding, shape = _matrix(handle["X"])
-        if tuple(shape) != (cells, len(genes)):
-            raise StatsInputError(f"{label}: X is {tuple(shape)}, obs and var say {(cells, len(genes))}",
-                                  code=INVALID_MATRIX)
-        raw_genes = raw_encoding = None
-        if "raw" in handle and "X" in handle["raw"]:
-            raw_genes = _names(handle["raw"]["var"])
-            raw_encoding, raw_shape = _matrix(handle["raw"]["X"])
-            if tuple(raw_shape) != (cells, len(raw_genes)):
-                raise StatsInputError(f"{label}: raw.X is {tuple(raw_shape)}, expected {cells} cells "
-                                      f"by {len(raw_genes)} genes", code=INVALID_MATRIX)
+        try:
+            return _describe_open(handle, path, sample, label)
+        except KeyError:  # an attribute or dataset the AnnData layout requires is missing
+            raise StatsInputError(f"{label}: is not laid out as an AnnData file", code=INVALID_MATRIX) from None
+
+
+def _describe_open(handle, path: Path, sample: str, label: str) -> _Input:
+    if "X" not in handle:
+        raise StatsInputError(f"{label}: has no X matrix", code=MISSING_MATRIX)
+    if "obs" not in handle or "var" not in handle:
+        raise StatsInputError(f"{label}: has no obs or var table", code=INVALID_MATRIX)
+    cells = len(handle["obs"][_index_key(handle["obs"])])
+    genes = _names(handle["var"])
+    encoding, shape = _matrix(handle["X"])
+    if tuple(shape) != (cells, len(genes)):
+        raise StatsInputError(f"{label}: X is {tuple(shape)}, obs and var say {(cells, len(genes))}",
+                              code=INVALID_MATRIX)
+    raw_genes = raw_encoding = None
+    if "raw" in handle and "X" in handle["raw"]:
+        raw_genes = _names(handle["raw"]["var"])
+        raw_encoding, raw_shape = _matrix(handle["raw"]["X"])
+        if tuple(raw_shape) != (cells, len(raw_genes)):
+            raise StatsInputError(f"{label}: raw.X is {tuple(raw_shape)}, expected {cells} cells "
+                                  f"by {len(raw_genes)} genes", code=INVALID_MATRIX)
     return _Input(path.resolve(), sample, label, cells, genes, encoding, raw_genes, raw_encoding)
 
 
@@ -266,7 +275,8 @@ def _attach_raw(raw_merged: Path, target: Path) -> None:
 
 
 def _label_cells(target: Path, described: list[_Input]) -> None:
-    """Write the ``labvault_sample`` and ``labvault_file`` categorical obs columns."""
+    """Write the ``labvault_sample`` and ``labvault_file`` categorical obs columns, and make the cell
+    names unique when one input repeated a name (the file label alone cannot separate those)."""
     import h5py
     import numpy as np
     import pandas as pd
@@ -281,6 +291,11 @@ def _label_cells(target: Path, described: list[_Input]) -> None:
     }
     with h5py.File(target, "a") as handle:
         obs = handle["obs"]
+        index = pd.Index(_names(obs))
+        if not index.is_unique:
+            from anndata.utils import make_index_unique
+            del obs[_index_key(obs)]
+            write_elem(obs, _index_key(obs), make_index_unique(index).to_numpy())
         order = [str(name) for name in obs.attrs.get("column-order", []) if str(name) not in columns]
         for name, values in columns.items():
             if name in obs:  # an input that was itself a merge: its labels are replaced

@@ -91,6 +91,31 @@ def test_clashing_cell_names_are_made_unique_with_the_file_label(tmp_path, no_wh
     assert merged.obs_names.is_unique
 
 
+def test_names_repeated_inside_one_file_are_made_unique_too(tmp_path):
+    adata = build(tmp_path / "a.h5ad", 3, seed=1)
+    adata.obs_names = ["x", "x", "y"]
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    build(tmp_path / "b.h5ad", 2, seed=2, prefix="z")
+    merge_h5ad([(tmp_path / "a.h5ad", "S1", "a"), (tmp_path / "b.h5ad", "S2", "b")], tmp_path / "m.h5ad", 10)
+    merged = REAL_READ(tmp_path / "m.h5ad")
+    assert merged.obs_names.is_unique
+    assert list(merged.obs_names) == ["x-a", "x-a-1", "y-a", "z0-b", "z1-b"]
+
+
+def test_an_input_that_is_not_laid_out_as_anndata_is_an_input_error(tmp_path):
+    import h5py
+    build(tmp_path / "a.h5ad", 3, seed=1)
+    with h5py.File(tmp_path / "b.h5ad", "w") as handle:
+        handle.create_group("X")
+        handle.create_group("obs")
+        handle.create_group("var")
+        handle["obs"].attrs["_index"] = "missing"
+    with pytest.raises(Exception) as caught:
+        merge_h5ad([(tmp_path / "a.h5ad", "S1", "a"), (tmp_path / "b.h5ad", "S2", "b")], tmp_path / "m.h5ad", 10)
+    assert caught.value.code == "invalid_matrix"
+    assert caught.value.status == 422
+
+
 def test_genes_in_another_order_are_aligned_by_name(tmp_path):
     first = build(tmp_path / "a.h5ad", 3, seed=1, prefix="a")
     second = build(tmp_path / "b.h5ad", 4, seed=2, genes=list(reversed(GENES)), prefix="b")
