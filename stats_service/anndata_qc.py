@@ -430,29 +430,49 @@ def _with_bounds(source: _Matrix, work: Callable) -> Iterator:
 
 
 def _qc_rows(block: sp.csr_matrix, is_mt: np.ndarray, n_vars: int) -> dict:
-    """Every pass-1 quantity of a CSR row block: its cells' values and its genes' sums."""
-    data, indices, indptr = block.data, block.indices, block.indptr
+    """Every pass-1 quantity of a CSR row block: its cells' values and its genes' sums.
+
+    Sums are sparse products with a vector of ones: scipy's kernels accumulate in float64
+    (int32 for counts of values), read each value once and release the GIL, so the two
+    worker threads really run at once (``np.bincount`` holds the GIL and was most of a
+    block's time).
+    """
+    data, indptr = block.data, block.indptr
+    n_rows = block.shape[0]
     counts = np.diff(indptr)
     zeros = data == 0
-    data64 = data.astype(np.float64)   # once: bincount would convert it on every call
     n_zeros = int(np.count_nonzero(zeros))
-    cell_total = _segment_sums(data64, indptr)
-    n_genes = counts - (_segment_sums(zeros, indptr) if n_zeros else 0)
-    # Few values are mitochondrial: find them, then their rows, rather than mask every value.
-    mt_at = np.flatnonzero(is_mt[indices])
-    mt_rows = np.searchsorted(indptr, mt_at, side="right") - 1
-    mt_total = np.bincount(mt_rows, weights=data64[mt_at], minlength=counts.size)
-    top_sum = _row_top_values(data, indptr, TOP_N).sum(axis=1)
-    present = indices[~zeros] if n_zeros else indices
+    tally = _Tally.of(data, indptr)
+    if tally is not None:
+        cell_total, n_genes = tally.totals(), counts - tally.hist[:, 0]
+        top_sum = tally.top_sums(TOP_N)
+    else:
+        cell_total = block @ np.ones(n_vars)
+        n_genes = counts - (_segment_sums(zeros, indptr) if n_zeros else 0)
+        top_sum = _row_top_values(data, indptr, TOP_N).sum(axis=1)
+    mt_total = block @ is_mt.astype(np.float64)
     values = _lognorm(data, counts, cell_total)
+    ones = np.ones(n_rows)
+
+    def gene_sums(values, ones=ones):
+        return _same_pattern(block, values).T @ ones
+
+    # Stored zeros are not expressed genes: count only the non-zero values.
+    present = (~zeros).view(np.int8) if n_zeros else (
+        tally.ones if tally is not None else np.ones(data.size, dtype=np.int8))
     genes = {
-        "gene_total": np.bincount(indices, weights=data64, minlength=n_vars),
-        "gene_ncells": np.bincount(present, minlength=n_vars),
-        "lognorm_sum": np.bincount(indices, weights=values, minlength=n_vars),
-        "lognorm_sumsq": np.bincount(indices, weights=values * values, minlength=n_vars),
+        "gene_total": block.T @ ones,
+        "gene_ncells": gene_sums(present, np.ones(n_rows, dtype=np.int32)),
+        "lognorm_sum": gene_sums(values),
+        "lognorm_sumsq": gene_sums(values * values),
     }
     return {"cells": (cell_total, n_genes, mt_total, top_sum), "genes": genes,
             "nnz": int(data.size - n_zeros)}
+
+
+def _same_pattern(block: sp.csr_matrix, values: np.ndarray) -> sp.csr_matrix:
+    """``block``'s sparsity pattern holding ``values`` instead, sharing its index arrays."""
+    return sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape, copy=False)
 
 
 def _qc_columns(source: _Matrix, is_mt: np.ndarray, qc: _QC, report: Progress) -> None:
@@ -491,6 +511,74 @@ def _segment_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
     running = np.zeros(values.size + 1)
     np.cumsum(values, dtype=np.float64, out=running[1:])
     return running[indptr[1:]] - running[indptr[:-1]]
+
+
+# Counts below this are tallied per cell in a histogram; larger ones (rare in count
+# data) are kept apart. 64 columns keep a block's histogram about 1 MB.
+HISTOGRAM_VALUES = 64
+
+
+@dataclass
+class _Tally:
+    """Per-row histogram of a CSR block of non-negative integer counts.
+
+    It gives each cell's total, zero count and sum of its top k values in O(values) with
+    no per-row sort, which was most of the QC pass. Values of ``HISTOGRAM_VALUES`` or more
+    need not be integers: they are summed and ranked one by one.
+    """
+
+    hist: np.ndarray        # int32, rows x HISTOGRAM_VALUES: how many of each value
+    big_rows: np.ndarray    # row of each value >= HISTOGRAM_VALUES, in CSR order
+    big_values: np.ndarray  # float64, those values
+    ones: np.ndarray        # int32 ones, one per stored value (reused for gene counts)
+
+    @classmethod
+    def of(cls, data: np.ndarray, indptr: np.ndarray) -> _Tally | None:
+        """The tally, or None when some value below the limit is negative or fractional."""
+        limit = HISTOGRAM_VALUES
+        n_rows = indptr.size - 1
+        capped = np.minimum(data, limit)
+        # NaN fails this comparison too; negative integers fail the sign test below.
+        if data.dtype.kind == "f" and not np.array_equal(np.trunc(capped), capped):
+            return None
+        bins = capped.astype(np.int32)
+        if bins.size and bins.min() < 0:
+            return None
+        # A CSR with each value as its column, made dense, is the histogram: scipy adds the
+        # duplicates in C without the GIL. Integer tallies, as a row's consecutive values
+        # mostly hit the same bin and chained float additions to one address are slower.
+        ones = np.ones(data.size, dtype=np.int32)
+        hist = sp.csr_matrix((ones, bins, indptr), shape=(n_rows, limit + 1)).toarray()
+        n_big = hist[:, limit]
+        at = np.flatnonzero(bins == limit) if n_big.any() else np.zeros(0, dtype=np.int64)
+        return cls(hist[:, :limit], np.repeat(np.arange(n_rows), n_big),
+                   data[at].astype(np.float64), ones)
+
+    def totals(self) -> np.ndarray:
+        """Sum of each row's values, in float64 (exact for integers below 2**53)."""
+        n_rows = self.hist.shape[0]
+        small = self.hist @ np.arange(HISTOGRAM_VALUES, dtype=np.float64)
+        return small + np.bincount(self.big_rows, weights=self.big_values, minlength=n_rows)
+
+    def top_sums(self, k: int) -> np.ndarray:
+        """Sum of each row's ``k`` largest values, all of them for shorter rows."""
+        n_rows = self.hist.shape[0]
+        rows, values = self.big_rows, self.big_values
+        big_sum = np.zeros(n_rows)
+        n_big = np.bincount(rows, minlength=n_rows)
+        if rows.size:
+            # Rank each large value within its row, largest first, and keep the first k.
+            order = np.lexsort((-values, rows))
+            rank = np.arange(rows.size) - np.repeat(np.cumsum(n_big) - n_big, n_big)
+            keep = order[rank < k]
+            big_sum = np.bincount(rows[keep], weights=values[keep], minlength=n_rows)
+        slots = np.maximum(k - n_big, 0)
+        # Walk each row's histogram from the largest value down, taking counts until the
+        # slots left after the large values are filled.
+        descending = self.hist[:, ::-1]
+        above = np.cumsum(descending, axis=1) - descending
+        taken = np.clip(slots[:, None] - above, 0, descending)
+        return big_sum + taken @ np.arange(HISTOGRAM_VALUES - 1, -1, -1, dtype=np.float64)
 
 
 def _row_top_values(data: np.ndarray, indptr: np.ndarray, k: int) -> np.ndarray:
