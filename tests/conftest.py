@@ -24,3 +24,22 @@ def stack(request, tmp_path_factory):
     (root / "movable").mkdir()
     with seeded(kind(root, ingest={"move_roots": str(root / "movable")})) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A SeaweedFS S3 server for the session (skipped without ``weed``; failed under CI=true)."""
+    from tests.servers import require_s3, seaweedfs
+    require_s3()
+    with seaweedfs() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch):
+    """A fresh bucket name (not yet created), with the endpoint's credentials in the environment
+    for boto3's usual chain."""
+    import uuid
+    for name, value in s3_endpoint.environ().items():
+        monkeypatch.setenv(name, value)
+    return f"labvault-{uuid.uuid4().hex[:12]}"
