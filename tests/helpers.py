@@ -109,10 +109,12 @@ def payload_bundle(payload: dict[str, bytes], submitter=10, project="1234a", ins
                     + [(f"data/{path}", raw) for path, raw in payload.items()])
 
 
-def env_for(settings: Settings) -> dict[str, str]:
-    """Environment for a child process that must see exactly ``settings``."""
+def env_for(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a child process that must see exactly ``settings`` (plus ``extra``,
+    e.g. the S3 credentials boto3 finds in the environment)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABVAULT_")}
     env.update(settings.as_environ())
+    env.update(extra or {})
     return env
 
 
@@ -133,12 +135,15 @@ class StackBase:
         for section, values in list(ports.items()) + list(sections.items()):
             merged.setdefault(section, {}).update(values)
         self.settings = make_settings(self.data_dir, **merged)
+        # Variables every child gets beyond the settings (S3 credentials for boto3's chain).
+        self.environ: dict[str, str] = {}
 
     def url(self, service: str) -> str:
         return self.settings.service_url(service)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "common.cli", *args], env=env_for(self.settings),
+        result = subprocess.run([sys.executable, "-m", "common.cli", *args],
+                                env=env_for(self.settings, self.environ),
                                 capture_output=True, text=True, timeout=timeout, cwd=self.data_dir)
         if check and result.returncode != 0:
             raise AssertionError(f"labvault {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
@@ -177,7 +182,8 @@ class Stack(StackBase):
     def start(self, timeout: float = 90) -> Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.data_dir / "up.log", "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "common.cli", "up"], env=env_for(self.settings),
+        self.process = subprocess.Popen([sys.executable, "-m", "common.cli", "up"],
+                                        env=env_for(self.settings, self.environ),
                                         stdout=self.log, stderr=subprocess.STDOUT, cwd=self.data_dir)
         wait_for(lambda: b"labvault: up" in (self.data_dir / "up.log").read_bytes() or self._died(),
                  timeout=timeout, message="labvault up")
