@@ -16,6 +16,7 @@ import concurrent.futures
 import datetime
 import io
 import logging
+import threading
 from typing import BinaryIO
 
 import boto3
@@ -82,6 +83,8 @@ class S3Storage(Storage):
         self.prefix = f"{prefix}/" if prefix else ""
         self.part_size = part_size
         self.upload_concurrency = max(1, upload_concurrency)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
         # Credentials come from boto3's usual chain (environment, profile, instance role),
         # never from the INI file.
         self.client = client or boto3.client(
@@ -105,6 +108,15 @@ class S3Storage(Storage):
 
     def key_for(self, file_id: int) -> str:
         return f"{self.prefix}{check_id(file_id)}"
+
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The part uploaders every upload of this storage shares. Long-lived threads keep the
+        allocator's per-thread arenas few; each upload still bounds its own parts in flight."""
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=4 * self.upload_concurrency, thread_name_prefix="s3-part")
+            return self._executor
 
     # -- the interface ------------------------------------------------------------
 
@@ -254,27 +266,42 @@ class S3Reader(io.RawIOBase):
 
 
 class S3Upload(Upload):
-    """A multipart upload fed from a buffer of at most one part; PutObject when it fits one part."""
+    """A multipart upload fed from part-sized buffers; PutObject when it fits one part.
+
+    At most ``upload_concurrency`` parts are in flight and one is being filled; their
+    buffers are reused from part to part, so an upload holds a fixed amount of memory
+    and the allocator is not asked for (and does not keep) a fresh 8 MiB per part.
+    """
 
     def __init__(self, storage: S3Storage, file_id: int):
         super().__init__(file_id)
         self._storage = storage
         self._client = storage.client
         self._key = storage.key_for(file_id)
-        self._buffer = bytearray()
+        self._part_size = storage.part_size
+        self._current: bytearray | None = None
+        self._filled = 0
+        self._spare: list[bytearray] = []
         self._upload_id: str | None = None
         self._parts: dict[int, str] = {}
         self._pending: list[concurrent.futures.Future] = []
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def write(self, data: bytes) -> None:
         if self.finished:
             raise ValueError("upload already finished")
-        self._buffer += data
-        self.bytes_written += len(data)
-        if len(self._buffer) >= self._storage.part_size:
-            part, self._buffer = bytes(self._buffer), bytearray()
-            self._send(part)
+        view = memoryview(data)
+        self.bytes_written += len(view)
+        while view:
+            if self._current is None:
+                self._current = self._spare.pop() if self._spare else bytearray(self._part_size)
+                self._filled = 0
+            count = min(self._part_size - self._filled, len(view))
+            self._current[self._filled:self._filled + count] = view[:count]
+            self._filled += count
+            view = view[count:]
+            if self._filled == self._part_size:
+                part, self._current = self._current, None
+                self._send(part)
 
     def commit(self) -> None:
         if self.finished:
@@ -282,12 +309,11 @@ class S3Upload(Upload):
         try:
             if self._upload_id is None:
                 # It fits one part: one conditional PutObject, nothing to clean up after.
-                self._client.put_object(Bucket=self._storage.bucket, Key=self._key, Body=bytes(self._buffer),
+                self._client.put_object(Bucket=self._storage.bucket, Key=self._key, Body=self._rest(),
                                         IfNoneMatch="*", ContentType="application/octet-stream")
             else:
-                if self._buffer:
-                    part, self._buffer = bytes(self._buffer), bytearray()
-                    self._send(part)
+                if self._current is not None and self._filled:
+                    self._send(self._rest())
                 self._wait(0)
                 parts = [{"PartNumber": number, "ETag": etag} for number, etag in sorted(self._parts.items())]
                 self._client.complete_multipart_upload(
@@ -305,30 +331,37 @@ class S3Upload(Upload):
             self.abort()
             raise
         self.finished = True
-        self._buffer = bytearray()
-        self._shutdown()
+        self._release()
 
     def abort(self) -> None:
         self.finished = True
-        self._buffer = bytearray()
         for future in self._pending:
             future.cancel()
+        # Parts already uploading finish first: an abort racing them could leave a part behind.
+        concurrent.futures.wait(self._pending)
         self._pending = []
-        self._shutdown()
+        self._release()
         if self._upload_id is not None:
             upload_id, self._upload_id = self._upload_id, None
             self._storage._abort(self._key, upload_id)
 
     # -- parts ------------------------------------------------------------------------
 
-    def _send(self, part: bytes) -> None:
+    def _rest(self) -> bytes:
+        """The bytes of the part being filled (the last, short one)."""
+        if self._current is None:
+            return b""
+        return bytes(memoryview(self._current)[:self._filled])
+
+    def _release(self) -> None:
+        self._current, self._filled, self._spare = None, 0, []
+
+    def _send(self, part: bytearray | bytes) -> None:
         try:
             if self._upload_id is None:
                 answer = self._client.create_multipart_upload(Bucket=self._storage.bucket, Key=self._key,
                                                               ContentType="application/octet-stream")
                 self._upload_id = answer["UploadId"]
-                self._executor = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=self._storage.upload_concurrency, thread_name_prefix=f"s3-put-{self.file_id}")
             # Bounded memory: wait for a slot before another part leaves the buffer.
             self._wait(self._storage.upload_concurrency - 1)
         except botocore.exceptions.ClientError as exc:
@@ -338,12 +371,12 @@ class S3Upload(Upload):
             self.abort()
             raise unavailable(f"store file {self.file_id}", exc) from None
         number = len(self._parts) + len(self._pending) + 1
-        self._pending.append(self._executor.submit(self._upload_part, number, part))
+        self._pending.append(self._storage.executor().submit(self._upload_part, number, part))
 
-    def _upload_part(self, number: int, part: bytes) -> tuple[int, str]:
+    def _upload_part(self, number: int, part: bytearray | bytes) -> tuple[int, str, bytearray | bytes]:
         answer = self._client.upload_part(Bucket=self._storage.bucket, Key=self._key, UploadId=self._upload_id,
                                           PartNumber=number, Body=part)
-        return number, answer["ETag"]
+        return number, answer["ETag"], part
 
     def _wait(self, at_most_pending: int) -> None:
         """Collect finished parts until no more than ``at_most_pending`` are in flight; raises a part's error."""
@@ -351,10 +384,7 @@ class S3Upload(Upload):
             done, _ = concurrent.futures.wait(self._pending, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 self._pending.remove(future)
-                number, etag = future.result()
+                number, etag, part = future.result()
                 self._parts[number] = etag
-
-    def _shutdown(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+                if isinstance(part, bytearray) and len(part) == self._part_size:
+                    self._spare.append(part)
