@@ -176,6 +176,31 @@ class Archive:
             _insert_ignore(file_id, total, hashtype, digest, sha256, when)
         return PutResult(False, total)
 
+    def adopt(self, file_id: int, size: int, mtime: datetime.datetime | float,
+              md5: str | None = None, source_sha256: Callable[[], str] | None = None) -> FileInfo:
+        """Record bytes a backend already placed under ``file_id`` (a server-side copy), after
+        reading them back: the size must be ``size`` and the md5 ``md5`` or, without one, the
+        sha256 ``source_sha256()``. A copy that does not match is deleted (400 ``hash_mismatch``)."""
+        file_id = parse_file_id(file_id)
+        hashers = _hashers("md5")
+        try:
+            with self.storage.open_read(file_id) as handle:
+                total = _copy(file_id, handle, None, hashers.values(), None)
+            sha256 = hashers[SHA256].hexdigest()
+            if total != size:
+                raise BadRequest(f"file {file_id}: the copy has {total} bytes, the source {size}",
+                                 code="hash_mismatch")
+            if md5 is not None:
+                _verify(file_id, _Expected("md5", md5.lower()), hashers["md5"].hexdigest())
+            elif source_sha256 is not None:
+                _verify(file_id, _Expected(SHA256, source_sha256()), sha256)
+            with database.atomic():
+                _insert_ignore(file_id, total, SHA256, sha256, sha256, _utc_naive(mtime))
+        except BaseException:
+            self.storage.delete(file_id)
+            raise
+        return self.stat(file_id)
+
     # -- reading and the rest -------------------------------------------------------
 
     def stat(self, file_id: int | str) -> FileInfo:

@@ -58,6 +58,28 @@ class FixityCheck(peewee.Model):
         table_name = "archive_fixity_check"
 
 
+class ImportedObject(peewee.Model):
+    """An object of an existing bucket that ``labvault import-bucket`` recorded as an archive file."""
+
+    id = peewee.BigAutoField()
+    bucket = peewee.CharField(max_length=63)
+    prefix = peewee.CharField(max_length=1024)
+    key = peewee.CharField(max_length=1024)
+    file_id = peewee.BigIntegerField()
+    transaction_id = peewee.BigIntegerField()
+    # The source object as it was when imported: a later run compares against these.
+    etag = peewee.CharField(max_length=128)
+    size = peewee.BigIntegerField()
+    imported = peewee.DateTimeField()
+    # When a later run found the object gone (naive UTC); null while it is there.
+    removed = peewee.DateTimeField(null=True)
+
+    class Meta:
+        database = database
+        table_name = "archive_imported_object"
+        indexes = ((("bucket", "prefix", "key"), True),)
+
+
 def _archive_table_v1_0() -> type[peewee.Model]:
     """The file table as version 1.0 created it (the model above has grown since)."""
 
@@ -90,4 +112,5 @@ def _digests_and_fixity(db: peewee.Database) -> None:
 SCHEMA = Schema("archive", [
     Migration((1, 0), "initial tables", create_tables(_archive_table_v1_0())),
     Migration((1, 1), "sha256 of every file; fixity results and their history", _digests_and_fixity),
+    Migration((1, 2), "objects imported from existing buckets", create_tables(ImportedObject)),
 ])

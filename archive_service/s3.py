@@ -192,6 +192,25 @@ class S3Storage(Storage):
             raise unavailable(f"delete file {file_id}", exc) from None
         return True
 
+    def copy_in(self, file_id: int, bucket: str, key: str) -> None:
+        """Server-side copy of ``bucket``/``key`` (on this endpoint) to ``file_id``, write-once.
+
+        Up to 5 GiB (S3's CopyObject limit). ``FileNotFoundError`` when the source is gone,
+        ``AlreadyExists`` when the id is taken. The caller verifies the copy before recording it.
+        """
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=self.key_for(file_id),
+                                    CopySource={"Bucket": bucket, "Key": key}, IfNoneMatch="*",
+                                    MetadataDirective="REPLACE", ContentType="application/octet-stream")
+        except botocore.exceptions.ClientError as exc:
+            if is_missing(exc):
+                raise FileNotFoundError(f"no object {key!r} in bucket {bucket!r}") from None
+            if _lost_race(exc):
+                raise AlreadyExists(file_id) from None
+            raise unavailable(f"copy {key!r} into file {file_id}", exc) from None
+        except _TRANSPORT_ERRORS as exc:
+            raise unavailable(f"copy {key!r} into file {file_id}", exc) from None
+
     def presigned_url(self, file_id: int, expires_seconds: int, filename: str | None = None) -> str | None:
         params = {"Bucket": self.bucket, "Key": self.key_for(file_id),
                   # Never let a browser sniff stored bytes into something executable.
