@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 QUEUES = ("ingest", "archive", "stats")
 # Modules whose @task functions make up the suite's tasks.
-TASK_MODULES = ("ingest_service.tasks", "stats_service.tasks")
+TASK_MODULES = ("ingest_service.tasks", "archive_service.tasks", "stats_service.tasks")
 
 
 @dataclass(frozen=True)
@@ -109,16 +109,20 @@ def celery_config(settings: Settings) -> dict:
 
 
 def beat_schedule(settings: Settings) -> dict:
-    """The periodic tasks: the reaper every ``[ingest] reap_interval`` seconds."""
-    interval = settings.getfloat("ingest", "reap_interval")
+    """The periodic tasks: the reaper every ``[ingest] reap_interval`` seconds, fixity every
+    ``[archive] fixity_interval`` and the sweep of unfinished uploads every ``[archive] sweep_interval``."""
+    def periodic(task_name: str, queue: str, interval: float) -> dict:
+        # Runs that waited longer than one interval (no worker was there) are dropped:
+        # the next one does the same work.
+        return {"task": task_name, "schedule": interval,
+                "options": {"queue": queue, "routing_key": queue, "expires": max(interval, 1.0)}}
+
     return {
-        "reap-jobs": {
-            "task": "ingest.reap_jobs",
-            "schedule": interval,
-            # Reaps that waited longer than one interval (no worker was there) are dropped:
-            # the next one does the same work.
-            "options": {"queue": "ingest", "routing_key": "ingest", "expires": max(interval, 1.0)},
-        },
+        "reap-jobs": periodic("ingest.reap_jobs", "ingest", settings.getfloat("ingest", "reap_interval")),
+        "check-fixity": periodic("archive.check_fixity", "archive",
+                                 settings.getfloat("archive", "fixity_interval", 3600.0)),
+        "sweep-uploads": periodic("archive.sweep_uploads", "archive",
+                                  settings.getfloat("archive", "sweep_interval", 3600.0)),
     }
 
 

@@ -297,6 +297,14 @@ def cmd_token(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_fixity(args, settings: Settings) -> int:
+    return importlib.import_module("archive_service.commands").cmd_fixity(args, settings)
+
+
+def cmd_import_bucket(args, settings: Settings) -> int:
+    return importlib.import_module("archive_service.commands").cmd_import_bucket(args, settings)
+
+
 def cmd_up(args, settings: Settings) -> int:
     from common.supervisor import Supervisor
     return Supervisor(settings, sys.stdout).run()
@@ -360,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 1 if it failed")
     ingest.add_argument("--token", help="API token when the service runs in token mode (default: $LABVAULT_TOKEN)")
     ingest.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits at most")
+    archive_commands = importlib.import_module("archive_service.commands")
+    fixity = add("fixity", cmd_fixity, "Re-read stored files and record whether their digest still matches.")
+    archive_commands.add_fixity_arguments(fixity)
+    import_bucket = add("import-bucket", cmd_import_bucket,
+                        "Record the objects of an existing bucket as archive files in one transaction.")
+    archive_commands.add_import_bucket_arguments(import_bucket)
     return parser
 
 
@@ -380,4 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as "python -m common.cli", this file is __main__, a module apart from common.cli;
+    # commands elsewhere raise common.cli.CommandError, which only common.cli's main catches.
+    from common.cli import main as cli_main
+    sys.exit(cli_main())

@@ -213,3 +213,18 @@ def test_a_missing_bucket_stops_the_start_in_one_line(s3_endpoint, s3_bucket, tm
     build_app(make_settings(tmp_path, archive={"backend": "s3", "bucket": s3_bucket, "create_bucket": "true",
                                                "endpoint_url": s3_endpoint.url, "addressing_style": "path"}))
     s3_endpoint.client().head_bucket(Bucket=s3_bucket)  # raises if it is not there
+
+
+def test_the_fixity_command_line(base_url, settings, storage):
+    for file_id in (1, 2):
+        requests.put(f"{base_url}/{file_id}", data=DATA + bytes([file_id]), timeout=30)
+    corrupt(storage, 2)
+    result = subprocess.run([sys.executable, "-m", "common.cli", "fixity", "--limit", "10"], env=env_for(settings),
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 1, result.stderr
+    assert "file 2: mismatch" in result.stdout and "2 checked, 1 ok, 1 with problems" in result.stdout
+    again = subprocess.run([sys.executable, "-m", "common.cli", "fixity", "--file-id", "1"], env=env_for(settings),
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert again.returncode == 0 and "1 checked, 1 ok" in again.stdout
+    summary = requests.get(f"{base_url}/fixity/summary", timeout=30).json()
+    assert (summary["ok"], summary["mismatch"]) == (1, 1)
