@@ -22,7 +22,7 @@ from archive_service import fixity, models
 from archive_service.archive import Archive, FileInfo, PutResult, parse_file_id
 from archive_service.storage import make_storage
 from common import migrations
-from common.errors import BadRequest, LabvaultError, code_for_status
+from common.errors import BadRequest, LabvaultError, NotFound, code_for_status
 from common.hashing import CHUNK_SIZE
 from common.settings import Settings
 from common.web import HealthMixin, drain, int_param, json_body, make_application, read_json
@@ -62,8 +62,10 @@ class FixityProblems:
     def __init__(self):
         self.summary = FixitySummary()
 
-    def GET(self, result: str | None = None, page_number="1", items_per_page="100",  # noqa: N802
+    def GET(self, *path, result: str | None = None, page_number="1", items_per_page="100",  # noqa: N802
             **_params) -> bytes:
+        if path:  # CherryPy hands what follows /fixity/ over as positional arguments
+            raise NotFound(f"no resource /fixity/{'/'.join(path)[:60]}", code="not_found")
         return json_body(fixity.problems(result, int_param("page_number", page_number),
                                          int_param("items_per_page", items_per_page)))
 

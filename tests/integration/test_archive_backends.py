@@ -184,6 +184,7 @@ def test_fixity_finds_corrupted_and_missing_files(base_url, storage):
                  400, "invalid_page_number")
     assert_error(requests.get(f"{base_url}/fixity", params={"items_per_page": 0}, timeout=30), 400, "invalid_page")
     assert requests.put(f"{base_url}/fixity", data=b"x", timeout=30).status_code == 405
+    assert_error(requests.get(f"{base_url}/fixity/nothing", timeout=30), 404, "not_found")
 
 
 def test_fixity_checks_the_oldest_first_in_bounded_runs(base_url, storage):

@@ -13,7 +13,9 @@ from archive_service import commands, fixity, models, tasks
 from archive_service.archive import Archive
 from archive_service.models import ArchiveFile
 from archive_service.storage import PosixStorage
+from common import migrations
 from common.cli import CommandError
+from common.migrations import Schema
 from common.errors import LabvaultError
 from tests.helpers import make_settings
 
@@ -118,3 +120,16 @@ def _url(db, tmp_path) -> str:
         return f"sqlite:///{db.database}"
     params = db.connect_params
     return f"postgresql://{params.get('user')}@{params.get('host')}:{params.get('port')}/{db.database}"
+
+
+def test_an_archive_of_version_1_0_keeps_its_files_through_the_upgrade(empty_database):
+    db = empty_database
+    first = Schema("archive", models.SCHEMA.migrations[:1])
+    assert migrations.sync(db, first) == [(1, 0)]
+    db.execute_sql("INSERT INTO archive_file (file_id, size, hashtype, hashsum, mtime, created) "
+                   "VALUES (1, 3, 'sha1', 'abc', '2020-01-01 00:00:00', '2020-01-01 00:00:00')")
+    assert migrations.sync(db, models.SCHEMA) == [(1, 1), (1, 2)]
+    with db.bind_ctx([ArchiveFile, models.FixityCheck, models.ImportedObject]):
+        row = ArchiveFile.get_by_id(1)
+        assert (row.size, row.hashsum, row.sha256, row.fixity_result) == (3, "abc", None, None)
+        assert models.FixityCheck.select().count() == 0 and models.ImportedObject.select().count() == 0
