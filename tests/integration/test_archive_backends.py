@@ -229,3 +229,22 @@ def test_the_fixity_command_line(base_url, settings, storage):
     assert again.returncode == 0 and "1 checked, 1 ok" in again.stdout
     summary = requests.get(f"{base_url}/fixity/summary", timeout=30).json()
     assert (summary["ok"], summary["mismatch"]) == (1, 1)
+
+
+@pytest.mark.s3
+def test_under_uwsgi_a_missing_bucket_stops_the_archive_in_one_line(s3_endpoint, s3_bucket, tmp_path):
+    from tests.helpers import free_port
+    from tests.servers import require_uwsgi, uwsgi_binary
+    require_uwsgi()
+    settings = make_settings(tmp_path, archive={"backend": "s3", "bucket": s3_bucket,
+                                                "endpoint_url": s3_endpoint.url, "addressing_style": "path"})
+    db = common_db.bind(models.database, settings.database_url("archive"))
+    migrations.sync(db, models.SCHEMA)
+    common_db.close_quietly(db)
+    result = subprocess.run([uwsgi_binary(), "--http-socket", f"127.0.0.1:{free_port()}", "--ini",
+                             str(REPO / "config" / "uwsgi" / "archive.ini")], env=env_for(settings),
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"archive: cannot start: S3 bucket {s3_bucket!r} does not exist" in output
+    assert "Traceback" not in output
