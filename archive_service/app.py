@@ -20,9 +20,9 @@ from cherrypy.lib import httputil
 
 from archive_service import fixity, models
 from archive_service.archive import Archive, FileInfo, PutResult, parse_file_id
-from archive_service.storage import make_storage
+from archive_service.backends import make_storage
 from common import migrations
-from common.errors import BadRequest, LabvaultError, NotFound, code_for_status
+from common.errors import BadRequest, LabvaultError, LengthRequired, NotFound, code_for_status
 from common.hashing import CHUNK_SIZE
 from common.settings import Settings
 from common.web import HealthMixin, drain, int_param, json_body, make_application, read_json
@@ -212,7 +212,7 @@ def _body_length(headers) -> int | None:
         return None
     length = headers.get("Content-Length")
     if length is None:
-        raise LabvaultError("PUT needs a Content-Length or a chunked body", code="length_required", status=411)
+        raise LengthRequired("PUT needs a Content-Length or a chunked body")
     try:
         return int(length)
     except ValueError:

@@ -21,8 +21,8 @@ from typing import BinaryIO, Callable, Iterable, Protocol
 from archive_service.models import ArchiveFile, database
 from archive_service.storage import AlreadyExists, Storage
 from common.db import utcnow
-from common.errors import BadRequest, Conflict, LabvaultError, NotFound
-from common.hashing import CHUNK_SIZE, DEFAULT_HASH_TYPE, new_hasher, normalise_hashsum, normalise_hashtype
+from common.errors import BadRequest, Conflict, Forbidden, NotFound
+from common.hashing import CHUNK_SIZE, DEFAULT_HASH_TYPE, HEX_LENGTHS, new_hasher, normalise_hashsum, normalise_hashtype
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ class Archive:
         except FileNotFoundError:
             raise NotFound(f"source file {path!r} does not exist", code="source_not_found") from None
         except OSError as exc:
-            raise LabvaultError(f"cannot open source file {path!r}: {exc.strerror}",
-                                code="path_not_allowed", status=403) from None
+            raise Forbidden(f"cannot open source file {path!r}: {exc.strerror}",
+                            code="path_not_allowed") from None
         try:
             st = os.fstat(fd)
             if not stat_module.S_ISREG(st.st_mode):
@@ -240,14 +240,13 @@ class Archive:
     def _allowed_source(self, path: str) -> str:
         text = str(path or "")
         if not text or "\0" in text or not os.path.isabs(text):
-            raise LabvaultError(f"source {text[:200]!r} must be an absolute path", code="path_not_allowed",
-                                status=403)
+            raise Forbidden(f"source {text[:200]!r} must be an absolute path", code="path_not_allowed")
         real = os.path.realpath(text)
         for root in self.patch_roots:
             if os.path.commonpath([root, real]) == root:
                 return real
-        raise LabvaultError(f"source {text[:200]!r} is not under an allowed directory",
-                            code="path_not_allowed", status=403)
+        raise Forbidden(f"source {text[:200]!r} is not under an allowed directory",
+                        code="path_not_allowed")
 
 
 def _expected(hashtype: str | None, hashsum: str | None) -> _Expected:
@@ -260,7 +259,7 @@ def _expected(hashtype: str | None, hashsum: str | None) -> _Expected:
         hashtype = prefix if sep else DEFAULT_HASH_TYPE
     name = normalise_hashtype(hashtype)
     digest = normalise_hashsum(hashsum, name)
-    if len(digest) != new_hasher(name).digest_size * 2:
+    if len(digest) != HEX_LENGTHS[name]:
         # No byte can match a digest of the wrong length: refuse before reading the body,
         # as the mismatch it is (an ingest reports it at `ingest files`).
         raise BadRequest(f"expected {name} {digest[:80]!r} has the wrong length; the bytes cannot match it",

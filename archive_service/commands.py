@@ -5,11 +5,19 @@ from __future__ import annotations
 import argparse
 
 from archive_service import fixity, models
-from archive_service.storage import make_storage
+from archive_service.backends import make_storage
 from common import migrations
-from common.cli import CommandError
+from common.commands import CommandError, id_value
 from common.errors import LabvaultError
 from common.settings import Settings
+
+
+def add_commands(add) -> None:
+    fixity = add("fixity", cmd_fixity, "Re-read stored files and record whether their digest still matches.")
+    add_fixity_arguments(fixity)
+    import_bucket = add("import-bucket", cmd_import_bucket,
+                        "Record the objects of an existing bucket as archive files in one transaction.")
+    add_import_bucket_arguments(import_bucket)
 
 
 def add_fixity_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +77,7 @@ def cmd_import_bucket(args: argparse.Namespace, settings: Settings) -> int:
         server_side = storage.media == "s3" and endpoint == archive_endpoint
         with db.connection_context():
             report = import_bucket(Archive(storage), client, source, MetadataClient(settings),
-                                   _id_value(args.submitter), args.project, _id_value(args.instrument),
+                                   id_value(args.submitter), args.project, id_value(args.instrument),
                                    allow_wipe=args.allow_bucket_wipe, server_side=server_side)
     except LabvaultError as exc:
         raise CommandError(exc.as_exception_text(), 1) from None
@@ -91,7 +99,3 @@ def _s3_client(settings: Settings, endpoint: str | None):
     return boto3.client("s3", endpoint_url=endpoint, region_name=settings.get("archive", "region", "").strip() or None,
                         config=Config(s3={"addressing_style": style}, retries={"max_attempts": 5, "mode": "standard"},
                                       max_pool_connections=16))
-
-
-def _id_value(value: str):
-    return int(value) if str(value).isdigit() else value

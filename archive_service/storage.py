@@ -23,11 +23,8 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from common.errors import ServiceUnavailable
-from common.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("posix", "s3")
 
 
 class StorageUnavailable(ServiceUnavailable):
@@ -281,18 +278,3 @@ def _fsync_dir(path: Path) -> None:
         logger.debug("syncing %s failed", path, exc_info=True)
     finally:
         os.close(fd)
-
-
-def make_storage(settings: Settings) -> Storage:
-    """The backend named by ``[archive] backend``; ``SettingsError`` for an unknown one.
-
-    Connects to nothing: ``Storage.prepare`` checks the backend before a service serves.
-    """
-    backend = settings.get("archive", "backend", "posix").strip().lower()
-    if backend == "posix":
-        return PosixStorage(settings.path("archive", "root"))
-    if backend == "s3":
-        # boto3 is imported here, never at service start of a POSIX archive.
-        from archive_service.s3 import S3Storage
-        return S3Storage.from_settings(settings)
-    raise SettingsError(f"[archive] backend must be one of {', '.join(BACKENDS)}, not {backend!r}")

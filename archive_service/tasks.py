@@ -4,12 +4,16 @@ from __future__ import annotations
 import logging
 
 from archive_service import fixity, models
-from archive_service.storage import Storage, make_storage
+from archive_service.backends import make_storage
+from archive_service.storage import Storage
 from common.celery_app import task
 from common.db import bind
 from common.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+CHECK_FIXITY = "archive.check_fixity"
+SWEEP_UPLOADS = "archive.sweep_uploads"
 
 # Per worker process and settings object; each entry keeps its settings alive (see ingest's tasks).
 _storages: dict[int, tuple[Settings, Storage]] = {}
@@ -24,7 +28,20 @@ def storage_for(settings: Settings) -> Storage:
     return entry[1]
 
 
-@task("archive.check_fixity", queue="archive")
+def periodic(settings: Settings) -> dict:
+    """The archive's beat entries: fixity every ``[archive] fixity_interval`` seconds, the sweep of
+    unfinished uploads every ``[archive] sweep_interval``."""
+    def every(task_name: str, interval: float) -> dict:
+        # Runs that waited longer than one interval (no worker was there) are dropped:
+        # the next one does the same work.
+        return {"task": task_name, "schedule": interval,
+                "options": {"queue": "archive", "routing_key": "archive", "expires": max(interval, 1.0)}}
+
+    return {"check-fixity": every(CHECK_FIXITY, settings.getfloat("archive", "fixity_interval", 3600.0)),
+            "sweep-uploads": every(SWEEP_UPLOADS, settings.getfloat("archive", "sweep_interval", 3600.0))}
+
+
+@task(CHECK_FIXITY, queue="archive")
 def check_fixity(settings: Settings, limit: int | None = None) -> dict[str, int]:
     """Re-check up to ``[archive] fixity_batch`` files not checked for ``fixity_days`` days; run by beat.
 
@@ -40,7 +57,7 @@ def check_fixity(settings: Settings, limit: int | None = None) -> dict[str, int]
     return counts
 
 
-@task("archive.sweep_uploads", queue="archive")
+@task(SWEEP_UPLOADS, queue="archive")
 def sweep_uploads(settings: Settings) -> int:
     """Abort unfinished writes (S3 multipart uploads, POSIX temp files) older than
     ``[archive] stale_upload_hours``: what a crashed archive process left behind."""

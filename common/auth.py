@@ -19,10 +19,13 @@ import hmac
 import ipaddress
 import logging
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from common.errors import LabvaultError
+from common.access import Directory, may_see_owned
+from common.errors import Unauthorized
 from common.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -31,11 +34,6 @@ MODES = ("open", "token", "proxy")
 # The header services send each other the shared [auth] service_token in.
 SERVICE_TOKEN_HEADER = "X-Labvault-Service-Token"
 TOKEN_PREFIX = "lv_"
-
-
-class Unauthorized(LabvaultError):
-    status, code = 401, "unauthorized"
-    headers = {"WWW-Authenticate": 'Bearer realm="labvault", Basic realm="labvault"'}
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ class Identity:
 
     def may_see(self, owner: int | None) -> bool:
         """Whether this requester may see something owned by ``owner`` (None: owned by nobody)."""
-        return owner is None or self.anonymous or self.admin or owner == self.user
+        return may_see_owned(self.user, self.admin, owner)
 
 
 OPEN = Identity(None)
@@ -146,3 +144,60 @@ class Authenticator:
         except ValueError:
             return False
         return any(address in network for network in self.proxies)
+
+
+CACHE_SECONDS = 60.0
+
+
+class TTLCache:
+    """A small thread-safe memo whose entries expire after ``seconds``."""
+
+    def __init__(self, seconds: float = CACHE_SECONDS):
+        self.seconds = seconds
+        self._entries: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, key, compute: Callable[[], object]):
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry and entry[0] > now:
+                return entry[1]
+        value = compute()
+        with self._lock:
+            self._entries[key] = (now + self.seconds, value)
+        return value
+
+
+class Identities:
+    """Identify requests to a public service (ingest, stats) in the ``[auth]`` mode.
+
+    ``user_for_token(digest)`` is where the tokens live (the ingest service's table, or a
+    question to the ingest service); user names and admin membership come from the metadata
+    service (``common.access``), cached for a short while because every poll asks.
+    """
+
+    def __init__(self, settings: Settings, metadata, user_for_token: Callable[[str], int | None]):
+        self.directory = Directory(metadata)
+        self._names = TTLCache()
+        self._admins = TTLCache()
+        self.authenticator = Authenticator.from_settings(
+            settings, user_for_token=user_for_token, user_for_name=self.user_for_name, is_admin=self.is_admin)
+
+    @property
+    def mode(self) -> str:
+        return self.authenticator.mode
+
+    def identify(self, headers: Mapping[str, str], remote_addr: str) -> Identity:
+        return self.authenticator.identify(headers, remote_addr)
+
+    def user_for_name(self, name: str) -> int | None:
+        def look_up():
+            row = self.directory.user_by_network_id(name)
+            if row is None and name.isdigit():
+                row = self.directory.user(name)
+            return None if row is None else int(row["_id"])
+        return self._names.get(name, look_up)
+
+    def is_admin(self, user: int) -> bool:
+        return self._admins.get(user, lambda: self.directory.is_admin(user))

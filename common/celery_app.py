@@ -1,12 +1,12 @@
 """The suite's one Celery app, built from settings; tasks are plain functions.
 
-A domain package marks a function with ``@task("ingest.process_job", queue="ingest")``;
+A service's tasks module marks a function with ``@task("<service>.<verb>_<noun>", queue=...)``;
 the function takes the settings first and ids after, so tests call it directly.
 ``make_celery(settings)`` builds the app and registers every marked function as a
 Celery task that passes the app's settings in. Creating the app connects to nothing.
 A task function that raises ``RetryLater`` is run again later (Celery's retry).
 
-The beat schedule (``beat_schedule``) is part of the app's configuration: ``labvault
+The beat schedule (every service's ``periodic`` entries) is part of the app's configuration: ``labvault
 worker --beat`` (the embedded default) or ``labvault beat`` (production: exactly one)
 sends those tasks.
 """
@@ -21,13 +21,11 @@ from typing import Callable
 from celery import Celery
 from kombu import Exchange, Queue
 
+from common import registry
 from common.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-QUEUES = ("ingest", "archive", "stats")
-# Modules whose @task functions make up the suite's tasks.
-TASK_MODULES = ("ingest_service.tasks", "archive_service.tasks", "stats_service.tasks")
 
 
 @dataclass(frozen=True)
@@ -50,10 +48,7 @@ class RetryLater(Exception):
 
 
 def task(name: str, queue: str, **options) -> Callable[[Callable], Callable]:
-    """Mark ``func(settings, *ids)`` as the Celery task ``name`` routed to ``queue``."""
-    if queue not in QUEUES:
-        raise ValueError(f"unknown queue {queue!r}")
-
+    """Mark ``func(settings, *ids)`` as the Celery task ``name`` routed to ``queue`` (a service's queue)."""
     def mark(func: Callable) -> Callable:
         _REGISTRY[name] = TaskSpec(name, queue, func, options)
         func.task_name = name
@@ -63,6 +58,7 @@ def task(name: str, queue: str, **options) -> Callable[[Callable], Callable]:
 
 def celery_config(settings: Settings) -> dict:
     broker_url = settings.get("celery", "broker_url")
+    queues = registry.queues()
     config = {
         "broker_url": broker_url,
         "task_serializer": "json",
@@ -75,8 +71,8 @@ def celery_config(settings: Settings) -> dict:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_default_queue": "ingest",
-        "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q, durable=True) for q in QUEUES],
+        "task_default_queue": queues[0],
+        "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q, durable=True) for q in queues],
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,
         "broker_connection_retry_on_startup": True,
@@ -86,7 +82,7 @@ def celery_config(settings: Settings) -> dict:
         # config/labvault.ini for how these relate to RabbitMQ's consumer_timeout).
         "task_time_limit": _seconds(settings, "task_time_limit"),
         "task_soft_time_limit": _seconds(settings, "task_soft_time_limit"),
-        "beat_schedule": beat_schedule(settings),
+        "beat_schedule": registry.periodic_tasks(settings),
         "beat_schedule_filename": str(settings.path("celery", "beat_schedule_file")),
     }
     if broker_url.startswith(("amqp", "pyamqp")):
@@ -106,24 +102,6 @@ def celery_config(settings: Settings) -> dict:
             "polling_interval": settings.getfloat("celery", "polling_interval"),
         }
     return config
-
-
-def beat_schedule(settings: Settings) -> dict:
-    """The periodic tasks: the reaper every ``[ingest] reap_interval`` seconds, fixity every
-    ``[archive] fixity_interval`` and the sweep of unfinished uploads every ``[archive] sweep_interval``."""
-    def periodic(task_name: str, queue: str, interval: float) -> dict:
-        # Runs that waited longer than one interval (no worker was there) are dropped:
-        # the next one does the same work.
-        return {"task": task_name, "schedule": interval,
-                "options": {"queue": queue, "routing_key": queue, "expires": max(interval, 1.0)}}
-
-    return {
-        "reap-jobs": periodic("ingest.reap_jobs", "ingest", settings.getfloat("ingest", "reap_interval")),
-        "check-fixity": periodic("archive.check_fixity", "archive",
-                                 settings.getfloat("archive", "fixity_interval", 3600.0)),
-        "sweep-uploads": periodic("archive.sweep_uploads", "archive",
-                                  settings.getfloat("archive", "sweep_interval", 3600.0)),
-    }
 
 
 def amqp_config(settings: Settings) -> dict:
@@ -166,10 +144,13 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("labvault", set_as_current=False)
     app.conf.update(celery_config(settings))
     app.labvault_settings = settings
-    for module in TASK_MODULES:
+    for module in registry.task_modules():
         importlib.import_module(module)
+    queues = registry.queues()
     routes = {}
     for spec in _REGISTRY.values():
+        if spec.queue not in queues:
+            raise ValueError(f"task {spec.name} is routed to {spec.queue!r}, which no service declares")
         app.task(name=spec.name, bind=True, **spec.options)(_adapter(spec.func))
         routes[spec.name] = {"queue": spec.queue, "routing_key": spec.queue}
     app.conf.task_routes = routes
@@ -188,6 +169,20 @@ def _adapter(func: Callable) -> Callable:
     run.__name__ = func.__name__
     run.__doc__ = func.__doc__
     return run
+
+
+_apps: dict[int, tuple[Settings, Celery]] = {}
+
+
+def celery_for(settings: Settings) -> Celery:
+    """A Celery app to enqueue with, one per process and settings (it connects on first use).
+
+    Each entry keeps its settings object alive, so no later settings object can reuse its
+    id() and be taken for it (tests build many)."""
+    entry = _apps.get(id(settings))
+    if entry is None:
+        entry = _apps[id(settings)] = (settings, make_celery(settings))
+    return entry[1]
 
 
 def enqueue(app: Celery, name: str, *args) -> None:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import requests
 
 from common.auth import SERVICE_TOKEN_HEADER
-from common.errors import LabvaultError, ServiceUnavailable
+from common.errors import LabvaultError, RemoteError, ServiceUnavailable
 from common.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _error_from(response: requests.Response) -> LabvaultError:
             message = str(body.get("message") or message)
     except ValueError:
         pass
-    return LabvaultError(message, code=code, status=response.status_code)
+    return RemoteError(message, code=code, status=response.status_code)
 
 
 class MetadataClient(ServiceClient):
@@ -117,6 +117,10 @@ class MetadataClient(ServiceClient):
     def first(self, objects: str, **filters) -> dict | None:
         rows = self.query(objects, **filters)
         return rows[0] if rows else None
+
+    def delete(self, objects: str, **filters) -> None:
+        """Delete the rows matching ``filters`` (at least one; a list value means any of)."""
+        self.request("DELETE", f"/{objects}", params=filters)
 
 
 class PolicyClient(ServiceClient):
@@ -172,6 +176,20 @@ class ArchiveClient(ServiceClient):
         except LabvaultError as exc:
             if exc.status == 404:
                 return False
+            raise
+
+
+class IngestIdentityClient(ServiceClient):
+    """The ingest service's internal question: whose API token is this (by its SHA-256)?"""
+
+    service = "ingest"
+
+    def user_for_token(self, digest: str) -> int | None:
+        try:
+            return int(self.request("GET", f"/identity/tokens/{quote(digest)}").json()["user"])
+        except LabvaultError as exc:
+            if exc.status == 404:
+                return None
             raise
 
 

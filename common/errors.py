@@ -6,6 +6,7 @@ never on the message text.
 """
 from __future__ import annotations
 
+import errno
 from http import HTTPStatus
 
 
@@ -19,13 +20,11 @@ class LabvaultError(Exception):
     # Response headers the error needs (e.g. WWW-Authenticate on a 401).
     headers: dict[str, str] = {}
 
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+    def __init__(self, message: str, *, code: str | None = None):
         # One line only: the message ends up in a job's `exception` and in JSON bodies.
         super().__init__(" ".join(str(message).split()))
         if code is not None:
             self.code = code
-        if status is not None:
-            self.status = status
 
     @property
     def message(self) -> str:
@@ -43,12 +42,29 @@ class BadRequest(LabvaultError):
     status, code = 400, "bad_request"
 
 
+class Unauthorized(LabvaultError):
+    status, code = 401, "unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="labvault", Basic realm="labvault"'}
+
+
+class Forbidden(LabvaultError):
+    status, code = 403, "forbidden"
+
+
 class NotFound(LabvaultError):
     status, code = 404, "not_found"
 
 
+class MethodNotAllowed(LabvaultError):
+    status, code = 405, "method_not_allowed"
+
+
 class Conflict(LabvaultError):
     status, code = 409, "conflict"
+
+
+class LengthRequired(LabvaultError):
+    status, code = 411, "length_required"
 
 
 class PreconditionFailed(LabvaultError):
@@ -57,6 +73,12 @@ class PreconditionFailed(LabvaultError):
 
 class PayloadTooLarge(LabvaultError):
     status, code = 413, "payload_too_large"
+
+
+class UnprocessableEntity(LabvaultError):
+    """Well-formed input that breaks a rule of its schema (an operation's inputs)."""
+
+    status, code = 422, "unprocessable_entity"
 
 
 class ServiceUnavailable(LabvaultError):
@@ -79,6 +101,23 @@ class InsufficientStorage(LabvaultError):
 
 class SchemaMismatch(LabvaultError):
     status, code = 503, "schema_mismatch"
+
+
+class RemoteError(LabvaultError):
+    """Another service's error answer, relayed with that service's own status and code."""
+
+    def __init__(self, message: str, *, code: str, status: int):
+        super().__init__(message, code=code)
+        self.status = status
+
+
+# A full disk (or quota) wherever a service writes: staging volume, archive root, SQLite file.
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` says a disk (or a quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in FULL_DISK_ERRNOS
 
 
 def status_line(status: int) -> str:

@@ -41,6 +41,19 @@ def new_hasher(hashtype: str):
     return hashlib.new(normalise_hashtype(hashtype))
 
 
+# Hex digits of a digest per hash type. The archive computes each type's full digest
+# (blake2 at its default size too), so a shorter sum could never match: every caller
+# demands exactly this length.
+HEX_LENGTHS = {name: hashlib.new(name).digest_size * 2 for name in HASH_TYPES}
+
+
+def check_digest_length(hashtype: str, hashsum: str) -> None:
+    """BadRequest ``invalid_hashsum`` unless ``hashsum`` has the length a ``hashtype`` digest has."""
+    expected = HEX_LENGTHS[normalise_hashtype(hashtype)]
+    if len(hashsum) != expected:
+        raise BadRequest(f"a {hashtype} sum has {expected} hex digits, not {len(hashsum)}", code="invalid_hashsum")
+
+
 class HashingReader:
     """File-like wrapper that counts (and, given a hash type, hashes) every byte read through it.
 

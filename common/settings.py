@@ -9,7 +9,6 @@ from typing import Mapping
 from config import DEFAULT_INI
 
 ENV_PREFIX = "LABVAULT_"
-SERVICES = ("ingest", "metadata", "archive", "policy", "stats")
 
 
 class SettingsError(Exception):
@@ -105,11 +104,11 @@ class Settings:
     def path(self, section: str, key: str) -> Path:
         return Path(self.get(section, key)).expanduser().resolve()
 
-    def service_url(self, service: str) -> str:
+    def service_url(self, service: str, default_port: int | None = None) -> str:
         """Base URL (no trailing slash) other processes use to reach ``service``."""
         url = self.get(service, "url", "").strip()
         if not url:
-            url = f"http://127.0.0.1:{self.getint(service, 'port')}"
+            url = f"http://127.0.0.1:{self.getint(service, 'port', default_port)}"
         return url.rstrip("/")
 
     @property

@@ -2,11 +2,12 @@
 
 Order of events: create the data directory, bring every schema up to date, empty
 the filesystem broker's queue (it does not redeliver after a crash, so what it holds
-is stale), start the five services and wait until each answers, settle the jobs a
-previous run left unfinished with the reaper (the job table is the truth: every job
+is stale), start every registered service (``common.registry``) and wait until each
+answers, run each service's ``on_up`` hook (the ingest service settles the jobs a
+previous run left unfinished with its reaper: the job table is the truth, every job
 quiet since this start has no live run, so it is enqueued again, or failed when its
 upload never finished or its attempts are used up), start a worker with Celery beat
-in it (the reaper then runs every ``[ingest] reap_interval``), print where everything
+in it (the services' periodic tasks, the reaper among them), print where everything
 listens, and on SIGINT or SIGTERM stop it all.
 
 A worker that dies is started again (its whole process group killed first), up to
@@ -28,8 +29,9 @@ from typing import TextIO
 
 import requests
 
-from common.celery_app import broker_folder, enqueue, make_celery
-from common.cli import SERVICE_MODULES, service_database, sync_all
+from common import registry
+from common.celery_app import broker_folder
+from common.commands import sync_all
 from common.db import utcnow
 from common.settings import Settings
 
@@ -47,6 +49,7 @@ class Supervisor:
     def __init__(self, settings: Settings, out: TextIO):
         self.settings = settings
         self.out = out
+        self.services = registry.services()
         self.children: dict[str, subprocess.Popen] = {}
         self._stopping = False
         self._restarts: collections.deque[float] = collections.deque()
@@ -66,16 +69,19 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
-            for service in SERVICE_MODULES:
-                self.start(service, ["serve", service])
+            for service in self.services:
+                self.start(service.name, ["serve", service.name])
             self.wait_until_up()
-            # Before the worker starts, so no run of the jobs it settles can be under way.
-            self.recover_jobs(started)
+            # Before the worker starts, so nothing they settle (the ingest service's unfinished
+            # jobs) can have a run under way.
+            for service in self.services:
+                if service.on_up:
+                    registry.load(service.on_up)(self.settings, started, self.out)
             self.start(WORKER, WORKER_COMMAND)
-            for service in SERVICE_MODULES:
-                print(f"  {service:<9} {self.settings.service_url(service)}", file=self.out)
-            print(f"  worker    queues ingest, archive, stats; reaper every "
-                  f"{self.settings.getfloat('ingest', 'reap_interval'):g} s; logs in {self.log_dir}", file=self.out)
+            for service in self.services:
+                print(f"  {service.name:<9} {service.url(self.settings)}", file=self.out)
+            print(f"  worker    queues {', '.join(registry.queues())}; periodic tasks by beat; "
+                  f"logs in {self.log_dir}", file=self.out)
             print("labvault: up; Ctrl-C stops everything", file=self.out, flush=True)
             return self.watch()
         finally:
@@ -87,26 +93,6 @@ class Supervisor:
         if folder:
             for message in (folder / "out").glob("*.msg"):
                 message.unlink(missing_ok=True)
-
-    def recover_jobs(self, started) -> None:
-        """Settle every job left unfinished before ``started`` (see ``ingest_service.reaper``)."""
-        from ingest_service import pipeline, reaper
-        db, _ = service_database(self.settings, "ingest")
-        app = make_celery(self.settings)
-        try:
-            context = pipeline.IngestContext.from_settings(self.settings)
-            with db.connection_context():
-                reaped = reaper.reap(context, lambda job_id: enqueue(app, "ingest.process_job", job_id),
-                                     stale_before=started)
-        finally:
-            app.close()
-        requeued = [entry.job_id for entry in reaped if entry.action == reaper.REQUEUED]
-        if requeued:
-            print(f"labvault: re-enqueued {len(requeued)} unfinished job(s): "
-                  f"{', '.join(map(str, requeued))}", file=self.out)
-        for entry in reaped:
-            if entry.action == reaper.FAILED:
-                print(f"labvault: {entry}", file=self.out)
 
     def start(self, name: str, command: list[str]) -> None:
         env = dict(os.environ)
@@ -124,13 +110,13 @@ class Supervisor:
 
     def wait_until_up(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
-        waiting = set(SERVICE_MODULES)
+        waiting = {service.name: service for service in self.services}
         while waiting:
             self.check_children()
-            for service in sorted(waiting):
+            for name, service in sorted(waiting.items()):
                 try:
-                    if requests.get(self.settings.service_url(service) + "/", timeout=2).ok:
-                        waiting.discard(service)
+                    if requests.get(service.url(self.settings) + "/", timeout=2).ok:
+                        del waiting[name]
                 except requests.RequestException:
                     pass
             if time.monotonic() > deadline:

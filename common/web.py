@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import datetime
 import decimal
-import errno
 import json
 import logging
 import sqlite3
@@ -28,9 +27,13 @@ from common.errors import (
     DatabaseUnavailable,
     InsufficientStorage,
     LabvaultError,
+    PayloadTooLarge,
+    Unauthorized,
     code_for_status,
+    is_disk_full,
     status_line,
 )
+from common.logs import setup_logging
 from common.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,10 +72,10 @@ def read_json(limit: int = DEFAULT_JSON_LIMIT):
     request = cherrypy.serving.request
     length = request.headers.get("Content-Length")
     if length and length.isdigit() and int(length) > limit:
-        raise LabvaultError(f"JSON body larger than {limit} bytes", code="payload_too_large", status=413)
+        raise PayloadTooLarge(f"JSON body larger than {limit} bytes")
     raw = request.body.read(limit + 1) if request.body else b""
     if len(raw) > limit:
-        raise LabvaultError(f"JSON body larger than {limit} bytes", code="payload_too_large", status=413)
+        raise PayloadTooLarge(f"JSON body larger than {limit} bytes")
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -111,8 +114,6 @@ def _database_errors() -> tuple[type[BaseException], ...]:
 
 
 DATABASE_ERRORS = _database_errors()
-# A full disk (or quota) wherever a service writes: staging volume, archive root, SQLite file.
-FULL_DISK_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def as_labvault_error(exc: BaseException, where: str = "") -> LabvaultError:
@@ -129,11 +130,11 @@ def as_labvault_error(exc: BaseException, where: str = "") -> LabvaultError:
         logger.warning("%s: database unavailable: %s: %s", where or "request", type(exc).__name__,
                        " ".join(str(exc).split())[:300])
         return DatabaseUnavailable("the service's database is busy or unreachable; try again shortly")
-    if isinstance(exc, OSError) and exc.errno in FULL_DISK_ERRNOS:
+    if is_disk_full(exc):
         logger.error("%s: disk full: %s", where or "request", exc)
         return InsufficientStorage("the service's storage is full; try again later")
     logger.error("unhandled error in %s", where or "request", exc_info=exc)
-    return LabvaultError("internal error; the service log has the details", code="internal_error", status=500)
+    return LabvaultError("internal error; the service log has the details")
 
 
 def error_headers(error: LabvaultError) -> list[tuple[str, str]]:
@@ -254,8 +255,8 @@ def require_service_token(token: str = "") -> None:
         return
     if not same_secret(request.headers.get(SERVICE_TOKEN_HEADER, ""), token):
         drain(request.rfile)  # an unread body would otherwise be read whole by the server
-        raise LabvaultError(f"this service answers other labvault services only ({SERVICE_TOKEN_HEADER})",
-                            code="service_token_required", status=401)
+        raise Unauthorized(f"this service answers other labvault services only ({SERVICE_TOKEN_HEADER})",
+                           code="service_token_required")
 
 
 cherrypy.tools.labvault_service_token = cherrypy.Tool("before_handler", require_service_token, priority=10)
@@ -333,7 +334,6 @@ def wsgi_application(application, settings: Settings | None = None):
     logging configured from ``settings``; chunked request bodies readable from wsgi.input.
     """
     if settings is not None:
-        from common.cli import setup_logging
         setup_logging(settings)
     cherrypy.config.update({"engine.autoreload.on": False, "checker.on": False,
                             "log.screen": False, "request.show_tracebacks": False,

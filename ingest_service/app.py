@@ -6,10 +6,10 @@ from urllib.parse import parse_qs
 import cherrypy
 
 from common import migrations
-from common.celery_app import enqueue, make_celery
+from common.celery_app import make_celery
 from common.clients import MetadataClient
 from common.db import request_connection
-from common.errors import BadRequest, LabvaultError, PayloadTooLarge
+from common.errors import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from common.settings import Settings
 from common.web import (
     HealthMixin,
@@ -23,8 +23,10 @@ from common.web import (
     wsgi_json,
 )
 from ingest_service import models
-from ingest_service.identity import Identities
+from common.auth import Identities
+from ingest_service import identity
 from ingest_service.services import IngestService, parse_length
+from ingest_service.tasks import enqueue_job
 from ingest_service.staging import Staging
 
 
@@ -90,7 +92,7 @@ class StateEndpoint:
             return self.application(environ, start_response)
         try:
             if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-                raise LabvaultError("use GET", code="method_not_allowed", status=405)
+                raise MethodNotAllowed("use GET")
             raw = path[len(self.PATH) + 1:] or parse_qs(environ.get("QUERY_STRING", "")).get("job_id", [None])[0]
             if not raw:
                 raise BadRequest("job_id is required", code="invalid_job_id")
@@ -116,6 +118,22 @@ class EnvironHeaders:
         return self.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
 
 
+class TokenOwners:
+    """``GET /identity/tokens/<sha256 of a token>``: whose API token it is, for the other public
+    services (stats downloads) to identify users as this service does. Guarded by the service
+    token when one is set."""
+
+    exposed = True
+
+    def GET(self, *path, **_params):  # noqa: N802
+        if len(path) != 2 or path[0] != "tokens":
+            raise NotFound("GET /identity/tokens/<digest>", code="not_found")
+        user = identity.user_for_token(path[1][:64].lower())
+        if user is None:
+            raise NotFound("no live API token has that digest", code="token_not_found")
+        return json_body({"user": user})
+
+
 class Root(HealthMixin):
     exposed = True
     service_title = "Ingest"
@@ -123,6 +141,7 @@ class Root(HealthMixin):
     def __init__(self, service: IngestService, identities: Identities):
         self.ingest = self.upload = Upload(service, identities)
         self.move = Move(service, identities)
+        self.identity = TokenOwners()
 
 
 def build_app(settings: Settings, check_schema: bool = True, celery_app=None) -> StateEndpoint:
@@ -131,6 +150,10 @@ def build_app(settings: Settings, check_schema: bool = True, celery_app=None) ->
     celery_app = celery_app or make_celery(settings)
     metadata = MetadataClient(settings)
     service = IngestService(settings, metadata, Staging(settings.path("ingest", "staging_dir")),
-                            lambda job_id: enqueue(celery_app, "ingest.process_job", job_id))
-    identities = Identities(settings, metadata)
-    return StateEndpoint(make_application(Root(service, identities), db=db), service, identities, db)
+                            lambda job_id: enqueue_job(celery_app, job_id))
+    identities = identity.identities(settings, metadata)
+    internal = {"/identity": {"tools.labvault_service_token.on": True,
+                              "tools.labvault_service_token.token": settings.service_token}}
+    return StateEndpoint(make_application(Root(service, identities), db=db,
+                                          extra=internal if settings.service_token else None),
+                         service, identities, db)

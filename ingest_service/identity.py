@@ -1,77 +1,21 @@
-"""Who is asking the ingest service: the ``[auth]`` mode, with its lookups.
+"""The ingest service's API tokens: they live in its database (only their digests).
 
-Tokens live in the ingest database (only their digests); user names and admin
-membership come from the metadata service, cached for a short while because every
-``get_state`` poll asks.
+Who is asking is decided by ``common.auth.Identities`` with ``user_for_token`` below; other
+services ask this service about a token's digest (``GET /identity/tokens/<digest>``).
 """
 from __future__ import annotations
 
-import threading
-import time
-from typing import Callable, Mapping
-
-from common.auth import Authenticator, Identity, new_token, token_digest
+from common.auth import Identities, new_token, token_digest
 from common.clients import MetadataClient
 from common.db import utcnow
 from common.errors import NotFound
 from common.settings import Settings
 from ingest_service.models import ApiToken
 
-CACHE_SECONDS = 60.0
 
-
-class TTLCache:
-    """A small thread-safe memo whose entries expire after ``seconds``."""
-
-    def __init__(self, seconds: float = CACHE_SECONDS):
-        self.seconds = seconds
-        self._entries: dict = {}
-        self._lock = threading.Lock()
-
-    def get(self, key, compute: Callable[[], object]):
-        now = time.monotonic()
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry and entry[0] > now:
-                return entry[1]
-        value = compute()
-        with self._lock:
-            self._entries[key] = (now + self.seconds, value)
-        return value
-
-
-class Identities:
-    """Identify requests to the ingest service (see ``common.auth``)."""
-
-    def __init__(self, settings: Settings, metadata: MetadataClient):
-        self.metadata = metadata
-        self._names = TTLCache()
-        self._admins = TTLCache()
-        self.authenticator = Authenticator.from_settings(
-            settings, user_for_token=user_for_token, user_for_name=self.user_for_name, is_admin=self.is_admin)
-
-    @property
-    def mode(self) -> str:
-        return self.authenticator.mode
-
-    def identify(self, headers: Mapping[str, str], remote_addr: str) -> Identity:
-        return self.authenticator.identify(headers, remote_addr)
-
-    def user_for_name(self, name: str) -> int | None:
-        def look_up():
-            row = self.metadata.first("users", network_id=name)
-            if row is None and name.isdigit():
-                row = self.metadata.first("users", _id=int(name))
-            return None if row is None else int(row["_id"])
-        return self._names.get(name, look_up)
-
-    def is_admin(self, user: int) -> bool:
-        def look_up():
-            groups = [row["group"] for row in self.metadata.query("user_group", user=user)]
-            return any(str(row.get("is_admin")).lower() in ("true", "1")
-                       for group in groups for row in self.metadata.query("groups", _id=group))
-        return self._admins.get(user, look_up)
-
+def identities(settings: Settings, metadata: MetadataClient) -> Identities:
+    """Who is asking the ingest service, its own token table answering for tokens."""
+    return Identities(settings, metadata, user_for_token)
 
 def user_for_token(digest: str) -> int | None:
     token = ApiToken.get_or_none((ApiToken.digest == digest) & ApiToken.revoked.is_null())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+from typing import Callable
 
 from common.db import utcnow
 from common.errors import BadRequest, NotFound
@@ -65,11 +66,28 @@ def create(job_id: int, kind: str = "upload", owner: int | None = None) -> Job:
                       exception="", created=now, updated=now, owner=owner)
 
 
+def find(job_id: int) -> Job | None:
+    """The job, or None when there is no such job."""
+    return Job.get_or_none(Job.job_id == job_id)
+
+
 def get(job_id: int) -> Job:
     job = Job.get_or_none(Job.job_id == job_id)
     if job is None:
         raise NotFound(f"no job {job_id}", code="job_not_found")
     return job
+
+
+def reserve_file_ids(job_id: int, count: int, allocate: Callable[[], int]) -> int:
+    """The first of the job's ``count`` file ids: ``allocate()``d and recorded on the row the
+    first time (one conditional UPDATE, only if no range is recorded yet), the recorded one after."""
+    job = get(job_id)
+    if job.file_id_start is None:
+        start = allocate()
+        (Job.update(file_id_start=start, file_count=count, updated=utcnow())
+         .where((Job.job_id == job_id) & Job.file_id_start.is_null()).execute())
+        job = get(job_id)
+    return int(job.file_id_start)
 
 
 def update(job_id: int, **fields) -> int:

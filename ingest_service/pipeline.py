@@ -26,22 +26,22 @@ import logging
 import os
 import socket
 import tarfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import bundles
+from common import bundles, registry
 from common.bundles import BundleError, Manifest
 from common.clients import ArchiveClient, MetadataClient, PolicyClient, make_session
-from common.db import close_quietly, utcnow
+from common.db import close_quietly
+from common.heartbeat import Heartbeat
 from common.errors import LabvaultError
 from common.hashing import HashingReader
 from common.settings import Settings
 from ingest_service import jobs, models
 from ingest_service.models import Job
-from ingest_service.services import remove_archive_files
+from ingest_service.cleanup import remove_archive_files
 from ingest_service.staging import Staging
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def process_job(context: IngestContext, job_id: int, run_id: str | None = None) 
     A job that already started ``[ingest] max_attempts`` times fails ``worker_lost`` instead
     of running again: RabbitMQ would redeliver, without end, a job whose run kills its worker.
     """
-    job = Job.get_or_none(Job.job_id == job_id)
+    job = jobs.find(job_id)
     if job is None:
         logger.warning("job %s: no such job, nothing to do", job_id)
         return "missing"
@@ -122,13 +122,13 @@ def process_job(context: IngestContext, job_id: int, run_id: str | None = None) 
     run_id = run_id or new_run_id()
     stale = context.settings.getfloat("ingest", "heartbeat_stale")
     if not jobs.claim(job_id, run_id, jobs.stale_cutoff(stale)):
-        job = Job.get_by_id(job_id)
+        job = jobs.get(job_id)
         if jobs.is_complete(job):
             return job.state
         logger.info("job %s: run %s holds it; this run leaves it alone", job_id, job.claimed_by)
         return HELD
     try:
-        job = Job.get_by_id(job_id)
+        job = jobs.get(job_id)
         if job.attempts >= context.settings.getint("ingest", "max_attempts"):
             error = worker_lost(job.attempts)
             fail_job(context, job_id, job.task, error)
@@ -136,8 +136,8 @@ def process_job(context: IngestContext, job_id: int, run_id: str | None = None) 
         # The new run's first step with its attempt, in one update: nobody sees this attempt
         # counted beside the step and percent the last run left.
         jobs.count_attempt(job_id, task=JobRun.first_step(job), task_percent=0)
-        with Heartbeat(job_id, run_id, context.settings.getfloat("ingest", "heartbeat_interval")) as heartbeat:
-            return JobRun(context, Job.get_by_id(job_id), heartbeat).run()
+        with job_heartbeat(job_id, run_id, context.settings.getfloat("ingest", "heartbeat_interval")) as heartbeat:
+            return JobRun(context, jobs.get(job_id), heartbeat).run()
     finally:
         try:
             jobs.release(job_id, run_id)
@@ -145,44 +145,10 @@ def process_job(context: IngestContext, job_id: int, run_id: str | None = None) 
             logger.warning("job %s: could not release the claim of run %s", job_id, run_id, exc_info=True)
 
 
-class Heartbeat:
-    """While entered, refreshes the heartbeat of ``run_id``'s claim on a job every ``interval``
-    seconds from a thread with its own database connection; ``lost`` tells that the claim went
-    to another run."""
-
-    def __init__(self, job_id: int, run_id: str, interval: float):
-        self.job_id, self.run_id, self.interval = job_id, run_id, interval
-        self._stop = threading.Event()
-        self._lost = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
-
-    @property
-    def lost(self) -> bool:
-        return self._lost.is_set()
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 30)
-
-    def _beat(self) -> None:
-        try:
-            while not self._stop.wait(self.interval):
-                try:
-                    if jobs.touch(self.job_id, self.run_id) == 0:
-                        logger.warning("job %s: run %s no longer holds the job; stopping it",
-                                       self.job_id, self.run_id)
-                        self._lost.set()
-                        return
-                except Exception:  # noqa: BLE001 - a database hiccup: the next beat tries again
-                    logger.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
-                    close_quietly(models.database)
-        finally:
-            # The thread's own connection: closed (or given back to the pool) with the thread.
-            close_quietly(models.database)
+def job_heartbeat(job_id: int, run_id: str, interval: float) -> Heartbeat:
+    """The heartbeat of ``run_id``'s claim on a job, from a thread with its own database connection."""
+    return Heartbeat(lambda: jobs.touch(job_id, run_id), interval, f"heartbeat-{job_id}",
+                     done=lambda: close_quietly(models.database))
 
 
 class JobRun:
@@ -228,6 +194,9 @@ class JobRun:
         jobs.set_state(self.job_id, jobs.OK, jobs.INGEST_METADATA, 100)
         self.context.staging.discard(self.job_id)
         logger.info("job %s: ingested", self.job_id)
+        # The hand-off: whoever derives data from what arrived (stats, computed files) hears of
+        # it here. Listeners only enqueue; one that fails is logged and the job stays OK.
+        registry.emit(registry.INGESTED, self.settings, job_id=self.job_id)
         return jobs.OK
 
     # -- steps --------------------------------------------------------------
@@ -311,16 +280,10 @@ class JobRun:
     def _file_ids(self, count: int) -> int:
         """The first of ``count`` file ids for this job, reserved once and kept on the row.
 
-        The range is recorded only if none is yet (one conditional UPDATE), so two runs
-        of one job agree on the ids whichever reserves first.
+        Two runs of one job agree on the ids whichever reserves first (``jobs.reserve_file_ids``).
         """
-        job = Job.get_by_id(self.job_id)
-        if job.file_id_start is None:
-            start = self.context.metadata.getid("file", count) if count else 0
-            (Job.update(file_id_start=start, file_count=count, updated=utcnow())
-             .where((Job.job_id == self.job_id) & Job.file_id_start.is_null()).execute())
-            job = Job.get_by_id(self.job_id)
-        return int(job.file_id_start)
+        return jobs.reserve_file_ids(self.job_id, count,
+                                     lambda: self.context.metadata.getid("file", count) if count else 0)
 
     def _store_all(self, manifest: Manifest, openers: list) -> None:
         """Stream every ``(declared, opener, mtime)`` into the archive with its expected hash.
@@ -392,13 +355,13 @@ def fail_job(context: IngestContext, job_id: int, step: str, error: LabvaultErro
     logger.warning("job %s: FAILED at %r: %s", job_id, step, error.as_exception_text())
     _remove_archive_files(context, job_id)
     context.staging.discard(job_id)
-    job = Job.get_by_id(job_id)
+    job = jobs.get(job_id)
     jobs.set_state(job_id, jobs.FAILED, step, job.task_percent, error.as_exception_text())
 
 
 def _remove_archive_files(context: IngestContext, job_id: int) -> None:
     """Delete the job's archive files; those the archive cannot take now wait for the sweeper."""
-    job = Job.get_by_id(job_id)
+    job = jobs.get(job_id)
     if job.file_id_start is None:
         return
     start = int(job.file_id_start)

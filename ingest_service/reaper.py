@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from common.errors import LabvaultError
 from ingest_service import jobs, pipeline
+from ingest_service.cleanup import sweep_pending_deletes
 from ingest_service.models import Job
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,15 @@ class Reaped:
 
     def __str__(self) -> str:
         return f"job {self.job_id}: {self.action} ({self.detail})"
+
+
+def run(context: pipeline.IngestContext, enqueue: Callable[[int], None],
+        stale_before: datetime.datetime | None = None) -> list[Reaped]:
+    """The reaper's one entry point: settle quiet jobs (``reap``), then finish the archive
+    deletions failed jobs had to leave (``cleanup.sweep_pending_deletes``)."""
+    reaped = reap(context, enqueue, stale_before)
+    sweep_pending_deletes(context.staging, context.archive)
+    return reaped
 
 
 def reap(context: pipeline.IngestContext, enqueue: Callable[[int], None],

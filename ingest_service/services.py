@@ -6,13 +6,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from common.auth import OPEN, Identity
 from common.bundles import check_document
-from common.clients import ArchiveClient, MetadataClient
+from common.clients import MetadataClient
 from common.errors import (
     BadRequest,
+    Forbidden,
     LabvaultError,
     NotFound,
     PayloadTooLarge,
@@ -64,12 +65,12 @@ class IngestService:
 
     def _check_move_source(self, source: str) -> None:
         if not self.move_roots:
-            raise LabvaultError("POST /move is disabled: no [ingest] move_roots are configured",
-                                code="path_not_allowed", status=403)
+            raise Forbidden("POST /move is disabled: no [ingest] move_roots are configured",
+                            code="path_not_allowed")
         resolved = Path(os.path.realpath(source))
         if not any(resolved == root or root in resolved.parents for root in self.move_roots):
-            raise LabvaultError(f"source {source[:200]!r} is not under an allowed move root",
-                                code="path_not_allowed", status=403)
+            raise Forbidden(f"source {source[:200]!r} is not under an allowed move root",
+                            code="path_not_allowed")
 
     def _stage(self, job_id: int, receive: Callable[[], int]) -> None:
         """Run ``receive``; if it fails, the job is FAILED at UPLOADING with its code, and it raises.
@@ -109,52 +110,3 @@ def parse_length(header: str | None) -> int | None:
     if not header.strip().isdigit():
         raise BadRequest("Content-Length must be a whole number", code="invalid_content_length")
     return int(header)
-
-
-# -- archive files of failed jobs -------------------------------------------------------
-
-def remove_archive_files(archive: ArchiveClient, staging: Staging, job_id: int, file_ids: Iterable[int]) -> list[int]:
-    """Delete a failed job's archive files; returns the ids left for the sweeper.
-
-    Absent files are fine (the job may have failed before writing them). Once the
-    archive is unavailable (its retries spent) the rest are not tried one by one: they
-    are recorded with ``Staging.defer_deletes`` for ``sweep_pending_deletes``.
-    """
-    ids = [int(file_id) for file_id in file_ids]
-    for position, file_id in enumerate(ids):
-        try:
-            archive.delete(file_id)
-        except ServiceUnavailable as exc:
-            left = ids[position:]
-            logger.error("job %s: archive unavailable while removing its files (%s); %d left for the sweeper",
-                         job_id, exc.code, len(left))
-            staging.defer_deletes(job_id, left)
-            return left
-        except LabvaultError as exc:
-            logger.error("job %s: could not remove archive file %s: %s", job_id, file_id, exc.as_exception_text())
-    return []
-
-
-def sweep_pending_deletes(staging: Staging, archive: ArchiveClient) -> int:
-    """Finish the deletions ``remove_archive_files`` had to leave; returns how many files went.
-
-    Cheap when there is nothing to do (one directory listing), safe to run in several
-    processes at once (a second DELETE of a file is a 404, which counts as done), and it
-    stops at the first sign that the archive is still down, keeping what is left.
-    """
-    removed = 0
-    for job_id, file_ids in staging.pending_deletes().items():
-        for position, file_id in enumerate(file_ids):
-            try:
-                removed += archive.delete(file_id, retries=0)
-            except ServiceUnavailable:
-                staging.defer_deletes(job_id, file_ids[position:])
-                logger.info("archive still unavailable; %d deletion(s) of job %s kept for later",
-                            len(file_ids) - position, job_id)
-                return removed
-            except LabvaultError as exc:
-                logger.error("job %s: could not remove archive file %s: %s", job_id, file_id,
-                             exc.as_exception_text())
-        staging.defer_deletes(job_id, [])
-        logger.info("job %s: pending archive deletions done", job_id)
-    return removed

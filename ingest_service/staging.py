@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from common.errors import InsufficientStorage, LabvaultError, PayloadTooLarge
+from common.errors import InsufficientStorage, LabvaultError, PayloadTooLarge, is_disk_full
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 PENDING_DELETES = "pending-deletes"
-_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class Staging:
@@ -115,7 +113,7 @@ class Staging:
         no ids clears the record. False (and the ids in the log) when it cannot be written.
 
         One small JSON file per job on the staging volume, which the ingest service and
-        every worker share; ``ingest_service.services.sweep_pending_deletes`` finishes the
+        every worker share; ``ingest_service.cleanup.sweep_pending_deletes`` finishes the
         work. Written whole (temporary name, then rename), so a sweep never reads half a
         record. Never raises: it runs on a job's failure path, which must still end the job.
         """
@@ -165,7 +163,7 @@ def _disk_errors() -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno in _FULL:
+        if is_disk_full(exc):
             logger.error("staging volume full: %s", exc)
             raise InsufficientStorage("the staging volume is full; try again later") from None
         logger.error("staging volume failed: %s", exc)

@@ -1,19 +1,22 @@
 """Celery adapters for the ingest service (thin: the work is in ``pipeline`` and ``reaper``)."""
 from __future__ import annotations
 
+import datetime
+
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from common.celery_app import RetryLater, enqueue, make_celery, task
+from common.celery_app import RetryLater, celery_for, enqueue, make_celery, task
 from common.db import bind
 from common.settings import Settings
 from ingest_service import jobs, models, pipeline, reaper
-from ingest_service.services import sweep_pending_deletes
+
+PROCESS_JOB = "ingest.process_job"
+REAP_JOBS = "ingest.reap_jobs"
 
 # Per worker process and settings object. Each entry keeps its settings object alive, so
 # no later settings object can reuse its id() and be taken for it (tests build many).
 _contexts: dict[int, tuple[Settings, pipeline.IngestContext]] = {}
-_apps: dict[int, tuple[Settings, Celery]] = {}
 
 
 def context_for(settings: Settings) -> pipeline.IngestContext:
@@ -26,16 +29,27 @@ def context_for(settings: Settings) -> pipeline.IngestContext:
     return entry[1]
 
 
-def celery_for(settings: Settings) -> Celery:
-    """A Celery app to enqueue with, one per worker process and settings (it connects on first use)."""
-    entry = _apps.get(id(settings))
-    if entry is None:
-        entry = _apps[id(settings)] = (settings, make_celery(settings))
-    return entry[1]
+def enqueue_job(app: Celery, job_id: int) -> None:
+    """Send job ``job_id`` to the ingest queue; the one way a job is enqueued (after its row is committed)."""
+    enqueue(app, PROCESS_JOB, job_id)
+
+
+def periodic(settings: Settings) -> dict:
+    """The ingest service's beat entries: the reaper every ``[ingest] reap_interval`` seconds."""
+    interval = settings.getfloat("ingest", "reap_interval")
+    return {
+        "reap-jobs": {
+            "task": REAP_JOBS,
+            "schedule": interval,
+            # Reaps that waited longer than one interval (no worker was there) are dropped:
+            # the next one does the same work.
+            "options": {"queue": "ingest", "routing_key": "ingest", "expires": max(interval, 1.0)},
+        },
+    }
 
 
 # A failed job is an expected outcome (the job row has it): no traceback in the worker log.
-@task("ingest.process_job", queue="ingest", throws=(pipeline.JobFailed,))
+@task(PROCESS_JOB, queue="ingest", throws=(pipeline.JobFailed,))
 def process_job(settings: Settings, job_id: int) -> str:
     """Run ingest job ``job_id`` through its steps; safe to run twice, never two runs at once.
 
@@ -53,13 +67,34 @@ def process_job(settings: Settings, job_id: int) -> str:
         return result
 
 
-@task("ingest.reap_jobs", queue="ingest")
+@task(REAP_JOBS, queue="ingest")
 def reap_jobs(settings: Settings) -> list[str]:
-    """Re-drive or end the unfinished jobs nobody is running (``reaper.reap``); run by beat."""
-    context = context_for(settings)
+    """Re-drive or end the unfinished jobs nobody is running (``reaper.run``); sent by beat."""
+    context = context_for(settings)  # binds the job database
     app = celery_for(settings)
     with models.database.connection_context():
-        reaped = reaper.reap(context, lambda job_id: enqueue(app, "ingest.process_job", job_id))
-    # Archive files a failed job could not remove while the archive was away.
-    sweep_pending_deletes(context.staging, context.archive)
+        reaped = reaper.run(context, lambda job_id: enqueue_job(app, job_id))
     return [str(entry) for entry in reaped]
+
+
+def reap_once(settings: Settings, stale_before: datetime.datetime | None = None) -> list[reaper.Reaped]:
+    """The reaper run by a process that is not a worker (``labvault reap``, ``labvault up``)."""
+    context = context_for(settings)
+    app = make_celery(settings)
+    try:
+        with models.database.connection_context():
+            return reaper.run(context, lambda job_id: enqueue_job(app, job_id), stale_before)
+    finally:
+        app.close()
+
+
+def recover_at_up(settings: Settings, started: datetime.datetime, out) -> None:
+    """``labvault up``: settle every job a previous run left unfinished before ``started``."""
+    reaped = reap_once(settings, stale_before=started)
+    requeued = [entry.job_id for entry in reaped if entry.action == reaper.REQUEUED]
+    if requeued:
+        print(f"labvault: re-enqueued {len(requeued)} unfinished job(s): "
+              f"{', '.join(map(str, requeued))}", file=out)
+    for entry in reaped:
+        if entry.action == reaper.FAILED:
+            print(f"labvault: {entry}", file=out)

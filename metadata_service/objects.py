@@ -7,7 +7,6 @@ values only reach SQL as bound parameters of peewee expressions. The value rules
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import re
 from typing import Any, Callable, Iterable, Mapping
@@ -16,9 +15,10 @@ import peewee
 from dateutil import parser as date_parser
 from dateutil import tz
 
+from common.bundles import payload_key
 from common.db import is_postgres
 from common.errors import BadRequest, Conflict, LabvaultError, NotFound
-from common.hashing import DEFAULT_HASH_TYPE, normalise_hashsum, normalise_hashtype
+from common.hashing import DEFAULT_HASH_TYPE, check_digest_length, normalise_hashsum, normalise_hashtype
 from metadata_service import ids
 from metadata_service.models import (OBJECT_MODELS, BaseModel, Files, Transactions, database, utcnow,
                                      write_transaction)
@@ -49,9 +49,6 @@ _RESTRICTED_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _MIMETYPE = re.compile(rf"^{_RESTRICTED_NAME}/{_RESTRICTED_NAME}"
                        rf"(\s*;\s*{_TOKEN}=({_TOKEN}|\"([^\"\\]|\\.)*\"))*$")
-# Digest length in hex per hash type; blake2 digests may be shortened, so only bounded.
-_HEX_LENGTHS = {name: hashlib.new(name).digest_size * 2
-                for name in ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "sha3_256", "sha3_512")}
 
 
 class _UnknownZone(ValueError):
@@ -137,12 +134,9 @@ def check_hash(hashtype: Any, hashsum: Any, what: str = "hash") -> tuple[str, st
     try:
         kind = normalise_hashtype(hashtype or DEFAULT_HASH_TYPE)
         digest = normalise_hashsum(hashsum, kind)
+        check_digest_length(kind, digest)
     except LabvaultError as exc:
         raise BadRequest(f"{what}: {exc.message}", code=exc.code) from None
-    expected = _HEX_LENGTHS.get(kind)
-    if (expected and len(digest) != expected) or len(digest) > 256:
-        raise BadRequest(f"{what}: a {kind} sum has {expected or 'at most 256'} hex digits, "
-                         f"not {len(digest)}", code="invalid_hashsum")
     return kind, digest
 
 
@@ -168,12 +162,10 @@ def normalise_subdir(value: Any, what: str = "subdir", code: str = "invalid_meta
     if not isinstance(value, str):
         raise BadRequest(f"{what}: subdir must be a string", code=code)
     check_text(value, f"{what}: subdir", code)
-    parts = [part for part in value.split("/") if part not in ("", ".")]
-    if parts and parts[0] == "data":
-        parts = parts[1:]
-    if ".." in parts:
+    key = payload_key(value)
+    if ".." in key.split("/"):
         raise BadRequest(f"{what}: subdir {value[:80]!r} climbs out with '..'", code=code)
-    return "/".join(parts)
+    return key
 
 
 # --------------------------------------------------------------------------- fields

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterable
 
 from common.clients import MetadataClient
 from common.errors import BadRequest, PreconditionFailed
-from policy_service.policy import Directory, as_int, kind_of
+from common.access import Directory, as_int
+from policy_service.policy import kind_of
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import requests
 from cheroot import wsgi
 
+from common import registry
 from common.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,12 +95,15 @@ def fixture_bundle(metadata_file: str | Path, metadata_last: bool = False) -> by
     return make_tar(members + [entry] if metadata_last else [entry] + members)
 
 
-def payload_bundle(payload: dict[str, bytes], submitter=10, project="1234a", instrument=54) -> bytes:
+def payload_bundle(payload: dict[str, bytes], submitter=10, project="1234a", instrument=54,
+                   keys: dict[str, str] | None = None) -> bytes:
     """A bundle of ``payload`` (path under data/ -> bytes) with sha1 Files entries, for the seed's
-    submitter, project and instrument."""
+    submitter, project and instrument, with transaction ``keys``."""
     document = [{"destinationTable": "Transactions.submitter", "value": submitter},
                 {"destinationTable": "Transactions.project", "value": project},
                 {"destinationTable": "Transactions.instrument", "value": instrument}]
+    document += [{"destinationTable": "TransactionKeyValue", "key": key, "value": value}
+                 for key, value in (keys or {}).items()]
     for path, raw in payload.items():
         subdir, _, name = path.rpartition("/")
         document.append({"destinationTable": "Files", "name": name, "subdir": subdir, "size": len(raw),
@@ -125,7 +129,7 @@ class StackBase:
     ``tests.production.ProductionStack`` (uWSGI, RabbitMQ, PostgreSQL).
     """
 
-    SERVICES = ("ingest", "metadata", "archive", "policy", "stats")
+    SERVICES = tuple(registry.names())
 
     def __init__(self, data_dir: Path, **sections):
         self.data_dir = Path(data_dir)
@@ -141,9 +145,11 @@ class StackBase:
     def url(self, service: str) -> str:
         return self.settings.service_url(service)
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run ``labvault ARGS`` against this stack (``env``: extra variables, e.g. a setting)."""
         result = subprocess.run([sys.executable, "-m", "common.cli", *args],
-                                env=env_for(self.settings, self.environ),
+                                env={**env_for(self.settings, self.environ), **(env or {})},
                                 capture_output=True, text=True, timeout=timeout, cwd=self.data_dir)
         if check and result.returncode != 0:
             raise AssertionError(f"labvault {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
@@ -258,3 +264,74 @@ class NoBroker:
 
     def send_task(self, name, args, **_options):
         self.sent.append((name, args))
+
+
+# -- projects and derived-data inputs ------------------------------------------------
+
+MEMBER_RELATIONSHIP = "ad417f50-5401-446d-8e5f-69892777f9b1"  # the seed's "member of"
+
+
+def new_project(stack, prefix: str = "p") -> str:
+    """A fresh project in the stack's metadata service, with the seed's user 10 and instrument 54
+    related to it, so ``payload_bundle(..., project=...)`` ingests into it."""
+    import uuid
+    project = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    url = stack.url("metadata")
+    for table, rows in (("projects", [{"_id": project, "title": f"Test project {project}"}]),
+                        ("project_user", [{"project": project, "user": 10, "relationship": MEMBER_RELATIONSHIP}]),
+                        ("project_instrument", [{"project": project, "instrument": 54,
+                                                 "relationship": MEMBER_RELATIONSHIP}])):
+        response = requests.put(f"{url}/{table}", json=rows, timeout=30)
+        assert response.status_code < 300, response.text
+    return project
+
+
+def h5ad_bytes(seed: int = 0, n_cells: int = 120, n_genes: int = 60, raw: bool = False,
+               samples: tuple[str, ...] = ("s1", "s2"), cell_types: tuple[str, ...] = ("T", "B", "NK")):
+    """An ``.h5ad`` (bytes) of random counts with 13 ``MT-`` genes, sample and cell-type columns
+    and an ``X_umap``; with ``raw``, the counts are in ``raw.X`` and ``X`` is log-normalised.
+    Returns ``(bytes, counts)``, counts a dense cells x genes array."""
+    import tempfile
+
+    import anndata
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse
+    rng = np.random.default_rng(seed)
+    weights = rng.lognormal(0.0, 1.5, n_genes)
+    depth = rng.integers(50, 2000, n_cells)
+    counts = np.stack([rng.poisson(weights / weights.sum() * d) for d in depth]).astype(np.float32)
+    genes = [f"MT-{i}" if i < 13 else f"GENE{i}" for i in range(n_genes)]
+    obs = pd.DataFrame(index=[f"cell{i}" for i in range(n_cells)])
+    obs["sample"] = pd.Categorical(rng.choice(list(samples), n_cells))
+    obs["cell_type"] = pd.Categorical(rng.choice(list(cell_types), n_cells))
+    matrix = scipy.sparse.csr_matrix(counts)
+    if raw:
+        lognorm = np.log1p(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) * 1e4)
+        adata = anndata.AnnData(X=scipy.sparse.csr_matrix(lognorm.astype(np.float32)), obs=obs,
+                                var=pd.DataFrame(index=genes))
+        adata.raw = anndata.AnnData(X=matrix, var=pd.DataFrame(index=genes), obs=obs)
+    else:
+        adata = anndata.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=genes))
+    adata.obsm["X_umap"] = rng.normal(size=(n_cells, 2)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "data.h5ad"
+        adata.write_h5ad(path)
+        return path.read_bytes(), counts
+
+
+def write_plugin(root: Path, name: str, files: dict[str, str], entry_points: dict[str, dict[str, str]]) -> Path:
+    """A plug-in distribution ``name`` under ``root`` as an installed one looks (its modules and a
+    dist-info with entry points), found by a process with ``root`` on PYTHONPATH."""
+    import textwrap
+    files = dict(files)
+    info = f"{name.replace('-', '_')}-0.1.dist-info"
+    files[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n"
+    files[f"{info}/entry_points.txt"] = "".join(
+        f"[{group}]\n" + "".join(f"{key} = {value}\n" for key, value in entries.items())
+        for group, entries in entry_points.items())
+    for relative, text in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip())
+    return root

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import requests
 
+from common import registry
 from common.celery_app import make_celery
 from tests.helpers import REPO, StackBase, env_for
 from tests.servers import postgres_databases, rabbitmq_vhost, uwsgi_binary
 
 UWSGI_DIR = REPO / "config" / "uwsgi"
-DATABASES = ("ingest", "metadata", "archive", "stats")
+DATABASES = tuple(service.name for service in registry.with_tables())
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 20.0
 

@@ -17,7 +17,7 @@ from archive_service.bucket_import import BucketWipeRefused, import_bucket, pars
 from archive_service.s3 import S3Storage
 from common import db as common_db
 from common import migrations
-from common.cli import CommandError
+from common.commands import CommandError
 from common.clients import MetadataClient
 from common.errors import BadRequest
 from metadata_service import models as metadata_models

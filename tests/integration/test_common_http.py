@@ -27,7 +27,7 @@ class Flaky(HealthMixin):
             failing = self.calls <= self.failures
         body = read_json()
         if failing:
-            raise LabvaultError("try later", code="busy", status=503)
+            raise ServiceUnavailable("try later", code="busy")
         if body == "bad":
             raise BadRequest("that is bad", code="bad_thing")
         if body == "crash":

@@ -32,7 +32,7 @@ import pytest
 import requests
 
 from common.clients import ArchiveClient
-from ingest_service.services import sweep_pending_deletes
+from ingest_service.cleanup import sweep_pending_deletes
 from ingest_service.staging import Staging
 from tests.helpers import (
     FIXTURES,

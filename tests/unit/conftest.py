@@ -7,24 +7,23 @@ one per session, its schema synced once, and its tables emptied before each test
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 
 import peewee
 import pytest
 
 from common import db as dbmod
-from common import migrations
+from common import migrations, registry
 from tests.helpers import FIXTURES
 from tests.servers import postgres_databases, require_postgres
 
 DATABASES = ("sqlite", "postgres")
-# Services whose tables the unit tests exercise.
-SERVICES = ("metadata", "archive", "ingest")
+# Services whose tables the unit tests exercise: every service that has tables.
+SERVICES = tuple(service.name for service in registry.with_tables())
 
 
 def service_models(service: str):
-    return importlib.import_module(f"{service}_service.models")
+    return registry.get(service).models_module()
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +103,14 @@ def archive_db(request, tmp_path):
 def ingest_db(request, tmp_path):
     """An empty ingest database (SQLite file or PostgreSQL), models bound to it."""
     db = service_database(request, tmp_path, "ingest")
+    yield db
+    dbmod.close_quietly(db)
+
+
+@pytest.fixture(params=DATABASES)
+def stats_db(request, tmp_path):
+    """An empty stats database (SQLite file or PostgreSQL), models bound to it."""
+    db = service_database(request, tmp_path, "stats")
     yield db
     dbmod.close_quietly(db)
 

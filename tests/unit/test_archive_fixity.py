@@ -14,7 +14,7 @@ from archive_service.archive import Archive
 from archive_service.models import ArchiveFile
 from archive_service.storage import PosixStorage
 from common import migrations
-from common.cli import CommandError
+from common.commands import CommandError
 from common.migrations import Schema
 from common.errors import LabvaultError
 from tests.helpers import make_settings

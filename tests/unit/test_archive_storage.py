@@ -6,11 +6,8 @@ import sys
 
 import pytest
 
-from archive_service.storage import (
-    PosixStorage,
-    StoredStat,
-    make_storage,
-)
+from archive_service.backends import make_storage
+from archive_service.storage import PosixStorage, StoredStat
 from common.settings import SettingsError
 from tests.helpers import REPO, make_settings
 
@@ -76,7 +73,7 @@ def test_s3_backend_is_chosen_by_settings_and_connects_to_nothing(tmp_path):
 
 def test_boto3_stays_off_a_posix_start(tmp_path):
     import subprocess
-    code = ("import sys; from archive_service.storage import make_storage; from tests.helpers import make_settings; "
+    code = ("import sys; from archive_service.backends import make_storage; from tests.helpers import make_settings; "
             f"make_storage(make_settings(__import__('pathlib').Path({str(tmp_path)!r}))); "
             "import archive_service.app; print('boto3' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)

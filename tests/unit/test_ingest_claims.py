@@ -101,7 +101,7 @@ def test_the_heartbeat_keeps_a_claim_fresh_and_notices_a_takeover(ingest_db):
     jobs.create(4)
     assert jobs.claim(4, "a", jobs.stale_cutoff(60))
     old = age_heartbeat(4)
-    with pipeline.Heartbeat(4, "a", interval=0.02) as heartbeat:
+    with pipeline.job_heartbeat(4, "a", interval=0.02) as heartbeat:
         wait_for(lambda: jobs.get(4).heartbeat > old, timeout=10, message="a heartbeat")
         assert not heartbeat.lost
         Job.update(claimed_by="b").where(Job.job_id == 4).execute()

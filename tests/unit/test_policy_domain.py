@@ -8,8 +8,9 @@ import copy
 
 import pytest
 
-from common.errors import LabvaultError, PreconditionFailed, ServiceUnavailable
-from policy_service.policy import Directory, IngestPolicy
+from common.errors import BadRequest, PreconditionFailed, ServiceUnavailable
+from common.access import Directory
+from policy_service.policy import IngestPolicy
 from policy_service.uploader import UploaderQueries
 from tests.helpers import FIXTURES, load_json
 
@@ -199,7 +200,7 @@ def test_a_filter_the_metadata_service_cannot_compare_matches_nothing(metadata):
     class Picky(SeedMetadata):
         def query(self, objects, **filters):
             if filters.get("_id") == 10 ** 12:
-                raise LabvaultError("filter: id must be an integer", code="invalid_filter", status=400)
+                raise BadRequest("filter: id must be an integer", code="invalid_filter")
             return super().query(objects, **filters)
 
     assert "unknown instrument 1000000000000" in denied(Picky(), document(instrument=10 ** 12))

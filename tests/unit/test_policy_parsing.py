@@ -2,7 +2,8 @@
 import pytest
 
 from common.errors import BadRequest
-from policy_service.policy import TransactionParties, as_int, is_true, parse_document
+from common.access import as_int, is_true
+from policy_service.policy import TransactionParties, parse_document
 from policy_service.uploader import parse_query, select_columns
 from tests.helpers import FIXTURES, load_json
 

@@ -10,13 +10,13 @@ import json
 import pytest
 
 from common.errors import (
+    BadRequest,
     InsufficientStorage,
-    LabvaultError,
     PayloadTooLarge,
     ServiceUnavailable,
 )
 from ingest_service import staging as staging_module
-from ingest_service.services import remove_archive_files, sweep_pending_deletes
+from ingest_service.cleanup import remove_archive_files, sweep_pending_deletes
 from ingest_service.staging import Staging, StagingUnavailable, UploadInterrupted
 
 
@@ -150,7 +150,7 @@ def test_an_unreadable_record_is_left_for_an_operator(staging):
 def test_other_archive_errors_are_logged_not_deferred(staging):
     class Refusing(FakeArchive):
         def delete(self, file_id, retries=None):
-            raise LabvaultError("refused", code="invalid_file_id", status=400)
+            raise BadRequest("refused", code="invalid_file_id")
     assert remove_archive_files(Refusing(set()), staging, 47, [1, 2]) == []
     assert staging.pending_deletes() == {}
 
