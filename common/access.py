@@ -107,6 +107,7 @@ class Directory:
 
 
 def may_see_owned(user_id: int | None, is_admin: bool, owner: int | None) -> bool:
-    """Whether a requester sees a thing owned by ``owner`` (a job): owned by nobody, open mode
-    (``user_id`` None), its owner, or an admin."""
-    return owner is None or user_id is None or is_admin or owner == user_id
+    """Whether a requester sees a thing owned by ``owner`` (a job): open mode (``user_id`` None),
+    its owner, or an admin. A thing owned by nobody (made while the deployment ran in open mode)
+    is an admin's only: anyone could have made it, for anyone."""
+    return user_id is None or is_admin or (owner is not None and owner == user_id)

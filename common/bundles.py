@@ -125,6 +125,17 @@ def _check_end(tar: tarfile.TarFile, path: str | os.PathLike, members: list[tarf
     raise BundleError(f"not a readable uncompressed tar (an unreadable header{after})", code="bad_tar")
 
 
+# The first bytes of the compressed forms people send instead of a plain tar.
+COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"(\xb5/\xfd": "zstd"}
+
+
+def compression_of(path: str | os.PathLike) -> str | None:
+    """The compression a file's first bytes show (``gzip``, ``bzip2``, ``xz``, ``zstd``), or None."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    return next((name for magic, name in COMPRESSION_MAGIC.items() if head.startswith(magic)), None)
+
+
 def _tar_reason(exc: Exception) -> str:
     if isinstance(exc, OSError):
         # str() of an OSError names the file: a server path never goes into a message.

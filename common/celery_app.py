@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from common import registry
@@ -26,7 +27,29 @@ from common.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# Set once this worker shuts down (SIGTERM, Ctrl-C: Celery's warm shutdown). The main
+# process receives the signal, the pool's processes run the tasks: an Event made before
+# the pool forks is shared by both. None outside a worker.
+_shutdown_flag = None
 
+
+@signals.worker_init.connect
+def _make_shutdown_flag(**_kwargs) -> None:
+    global _shutdown_flag
+    _shutdown_flag = multiprocessing.get_context("fork").Event()
+
+
+@signals.worker_shutting_down.connect
+def _on_worker_shutting_down(**_kwargs) -> None:
+    if _shutdown_flag is not None:
+        _shutdown_flag.set()
+
+
+def shutting_down() -> bool:
+    """True in a worker (main or pool process) that has begun its warm shutdown: a long task
+    should give its work back (the ingest pipeline does) rather than run on against
+    services that may be stopping too."""
+    return _shutdown_flag is not None and _shutdown_flag.is_set()
 
 @dataclass(frozen=True)
 class TaskSpec:

@@ -13,7 +13,7 @@ from typing import Callable
 from common import bundles, migrations, registry
 from common.celery_app import broker_folder, make_celery
 from common.clients import IngestClient
-from common.commands import CommandError, id_value, sync_all
+from common.commands import CommandError, id_value, say_deployment, sync_all
 from common.errors import LabvaultError
 from common.hashing import DEFAULT_HASH_TYPE, HASH_TYPES
 from common.logs import setup_logging
@@ -38,6 +38,7 @@ def cmd_dbsync(args, settings: Settings) -> int:
 
 
 def cmd_dbchk(args, settings: Settings) -> int:
+    say_deployment(args, settings)
     status = 0
     for service in registry.with_tables():
         db, schema = service.database(settings)
@@ -109,7 +110,15 @@ def cmd_ingest(args, settings: Settings) -> int:
     path = Path(args.path)
     if not path.is_file():
         raise CommandError(f"{path} is not a file")
-    client = IngestClient(settings, base_url=args.url, token=args.token or os.environ.get("LABVAULT_TOKEN"))
+    compression = bundles.compression_of(path)
+    if compression:
+        raise CommandError(f"{path} is {compression}-compressed; labvault takes an uncompressed tar "
+                           f"(decompress it first, or make it with 'labvault bundle')")
+    if args.url and "://" not in args.url:
+        raise CommandError(f"--url {args.url} has no scheme; give it as http://{args.url}")
+    token = args.token or os.environ.get("LABVAULT_TOKEN")
+    client = IngestClient(settings, base_url=args.url, token=token)
+    print(f"labvault ingest: to {client.base_url}", file=sys.stderr)
     size = path.stat().st_size
     bar = ProgressBar(size, sys.stderr)
 
@@ -121,12 +130,22 @@ def cmd_ingest(args, settings: Settings) -> int:
         state = client.upload(open_body)
     except LabvaultError as exc:
         bar.close()
-        raise CommandError(f"upload failed: {exc.as_exception_text()}") from None
+        raise CommandError(f"upload failed: {exc.as_exception_text()}{_advice(exc, token)}") from None
     bar.close()
     if not args.wait:
         print(json.dumps(state))
         return 0
     return _follow(client, int(state["job_id"]), args.timeout)
+
+
+def _advice(error: LabvaultError, token: str | None) -> str:
+    """What to do about an upload the service refused or could not take."""
+    if error.status == 401:
+        return ("; the service runs in token mode: pass --token (or set LABVAULT_TOKEN)" if not token
+                else "; the token was refused: check it with 'labvault token list' on the server")
+    if error.status == 503:
+        return "; is the service running (labvault up), and is --url right?"
+    return ""
 
 
 def _follow(client: IngestClient, job_id: int, timeout: float) -> int:
@@ -178,24 +197,37 @@ def cmd_up(args, settings: Settings) -> int:
 
 # -- parser ---------------------------------------------------------------------
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or action.default in (None, False, "", argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="settings INI file (default: LABVAULT_CONFIG or the built-in defaults)")
     common.add_argument("--data-dir", help="the deployment's data directory (default: ./var, or [data] dir)")
 
     parser = argparse.ArgumentParser(prog="labvault", description="labvault: ingest and archive suite.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
-        command = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        # Every option's help says its default.
+        command = sub.add_parser(name, parents=[common], help=help_text, description=help_text,
+                                 formatter_class=HelpWithDefaults)
         command.set_defaults(func=func)
         return command
 
     add("up", cmd_up, "Run every service and a Celery worker on this machine until Ctrl-C.")
     serve = add("serve", cmd_serve, "Run one service on CherryPy's own server.")
     serve.add_argument("service", choices=registry.names())
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--host", help="address to listen on (default: [SERVICE] host)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: [SERVICE] port)")
     worker = add("worker", cmd_worker, "Run a Celery worker.")
     worker.add_argument("--queues", help="comma-separated queues (default: every service's)")
     worker.add_argument("--concurrency", type=int, help="worker processes (default: [celery] concurrency)")
@@ -206,15 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     dbchk = add("dbchk", cmd_dbchk, "Check every schema against the code; exit 1 on a mismatch.")
     dbchk.add_argument("--equal", action="store_true", help="demand the exact version, not only the same major")
     bundle = add("bundle", cmd_bundle, "Make a bundle (tar with metadata.txt and data/) from a directory.")
-    bundle.add_argument("directory")
-    bundle.add_argument("-o", "--output", required=True)
+    bundle.add_argument("directory", help="the payload: every file under it goes under data/")
+    bundle.add_argument("-o", "--output", required=True, help="the bundle (tar) to write")
     bundle.add_argument("--submitter", required=True, help="submitting user id")
     bundle.add_argument("--project", required=True, help="project id")
     bundle.add_argument("--instrument", required=True, help="instrument id")
     bundle.add_argument("--key", action="append", metavar="K=V", help="a transaction key/value (repeatable)")
-    bundle.add_argument("--hashtype", default=DEFAULT_HASH_TYPE, choices=HASH_TYPES)
+    bundle.add_argument("--hashtype", default=DEFAULT_HASH_TYPE, choices=HASH_TYPES, help="hash of every file")
     ingest = add("ingest", cmd_ingest, "Upload a bundle to the ingest service, optionally following the job.")
-    ingest.add_argument("path")
+    ingest.add_argument("path", help="the bundle: an uncompressed tar")
     ingest.add_argument("--url", help="ingest service URL (default: from settings)")
     ingest.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 1 if it failed")
     ingest.add_argument("--token", help="API token when the service runs in token mode (default: $LABVAULT_TOKEN)")
@@ -224,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
         if service.commands:
             registry.load(service.commands)(add)
     return parser
+
+
+def _version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("labvault")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,9 +42,14 @@ class BadRequest(LabvaultError):
     status, code = 400, "bad_request"
 
 
+# On an answer given before the request body was read: the server closes the connection
+# instead of reading (and holding) a body nobody wants, however large it was declared.
+CLOSE = {"Connection": "close"}
+
+
 class Unauthorized(LabvaultError):
     status, code = 401, "unauthorized"
-    headers = {"WWW-Authenticate": 'Bearer realm="labvault", Basic realm="labvault"'}
+    headers = {"WWW-Authenticate": 'Bearer realm="labvault", Basic realm="labvault"', **CLOSE}
 
 
 class Forbidden(LabvaultError):
@@ -73,6 +78,7 @@ class PreconditionFailed(LabvaultError):
 
 class PayloadTooLarge(LabvaultError):
     status, code = 413, "payload_too_large"
+    headers = CLOSE
 
 
 class UnprocessableEntity(LabvaultError):

@@ -8,7 +8,9 @@ previous run left unfinished with its reaper: the job table is the truth, every 
 quiet since this start has no live run, so it is enqueued again, or failed when its
 upload never finished or its attempts are used up), start a worker with Celery beat
 in it (the services' periodic tasks, the reaper among them), print where everything
-listens, and on SIGINT or SIGTERM stop it all.
+listens, and on SIGINT or SIGTERM stop it all: the worker first (its running jobs are
+handed back unfinished, not failed, and the next ``labvault up`` re-drives them), the
+services last.
 
 A worker that dies is started again (its whole process group killed first), up to
 ``WORKER_RESTARTS`` times in ``RESTART_WINDOW`` seconds; the jobs it was running are
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+# A worker's running jobs give themselves back at their next file or step.
+WORKER_STOP_TIMEOUT = 60.0
 WORKER = "worker"
 WORKER_COMMAND = ["worker", "--beat"]
 WORKER_RESTARTS = 5
@@ -61,7 +67,12 @@ class Supervisor:
         self.log_dir.mkdir(exist_ok=True)
         self.run_dir = data_dir / "run"
         self.run_dir.mkdir(exist_ok=True)
-        print(f"labvault: data directory {data_dir}", file=self.out)
+        with self.only_up_on_this_directory():
+            return self._run()
+
+    def _run(self) -> int:
+        print(f"labvault: data directory {self.settings.data_dir}", file=self.out)
+        self.check_ports_free()
         sync_all(self.settings, self.out)
         # Nothing of this deployment runs yet: a job quiet since this moment has no live run.
         started = utcnow()
@@ -82,10 +93,48 @@ class Supervisor:
                 print(f"  {service.name:<9} {service.url(self.settings)}", file=self.out)
             print(f"  worker    queues {', '.join(registry.queues())}; periodic tasks by beat; "
                   f"logs in {self.log_dir}", file=self.out)
+            self.print_auth_mode()
             print("labvault: up; Ctrl-C stops everything", file=self.out, flush=True)
             return self.watch()
         finally:
             self.stop_all()
+
+    @contextlib.contextmanager
+    def only_up_on_this_directory(self):
+        """Hold ``<data dir>/run/up.lock`` while running: a second ``up`` on the same data directory
+        is refused before it touches anything (pid files, the broker's queue, the ports)."""
+        with open(self.run_dir / "up.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "?"
+                raise SystemExit(f"labvault: another 'labvault up' (pid {holder}) runs on {self.settings.data_dir}; "
+                                 "stop it first (Ctrl-C in its terminal, or kill -TERM that pid)") from None
+            lock.truncate(0)
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+            yield
+
+    def check_ports_free(self) -> None:
+        """Each service's address must be free, or `up` would take whatever answers there for its own."""
+        for service in self.services:
+            host, port = service.bind_address(self.settings)
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, port))
+                except OSError as exc:
+                    raise SystemExit(f"labvault: the {service.name} service cannot listen on {host}:{port}: "
+                                     f"{exc.strerror or exc}; stop what uses it, or set "
+                                     f"LABVAULT_{service.name.upper()}_PORT (or [{service.name}] port)") from None
+
+    def print_auth_mode(self) -> None:
+        mode = self.settings.get("auth", "mode", "open")
+        print(f"labvault: auth mode {mode}", file=self.out)
+        if mode == "open":
+            print("labvault: WARNING: open mode: anyone who can reach the ingest service uploads as any "
+                  "submitter and sees every job; keep it on loopback, or set [auth] mode = token", file=self.out)
 
     def drop_queued_messages(self) -> None:
         """Empty the filesystem broker's queue: the reaper enqueues again what still has to run."""
@@ -163,11 +212,22 @@ class Supervisor:
         return None
 
     def stop_all(self) -> None:
-        for child in self.children.values():
-            if child.poll() is None:
-                child.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for name, child in self.children.items():
+        """The worker first, the services after: a stopping worker gives its jobs back (Celery's
+        warm shutdown), and while it does, the services its jobs call must still answer."""
+        if WORKER in self.children:
+            self._stop([WORKER], WORKER_STOP_TIMEOUT)
+        self._stop([name for name in self.children if name != WORKER], STOP_TIMEOUT)
+        if self.children:
+            print("labvault: stopped", file=self.out, flush=True)
+        self.children.clear()
+
+    def _stop(self, names: list[str], timeout: float) -> None:
+        for name in names:
+            if self.children[name].poll() is None:
+                self.children[name].terminate()
+        deadline = time.monotonic() + timeout
+        for name in names:
+            child = self.children[name]
             try:
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -178,9 +238,6 @@ class Supervisor:
             _kill_group(child.pid)
             with contextlib.suppress(OSError):
                 (self.run_dir / f"{name}.pid").unlink()
-        if self.children:
-            print("labvault: stopped", file=self.out, flush=True)
-        self.children.clear()
 
     def _on_signal(self, signum, frame) -> None:
         self._stopping = True

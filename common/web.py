@@ -12,12 +12,14 @@ import datetime
 import decimal
 import json
 import logging
+import re
 import sqlite3
 import sys
 import uuid
 
 import cherrypy
 import peewee
+from cheroot import server as cheroot_server
 from playhouse.pool import MaxConnectionsExceeded
 
 from common.auth import SERVICE_TOKEN_HEADER, same_secret
@@ -39,6 +41,9 @@ from common.settings import Settings
 logger = logging.getLogger(__name__)
 
 DEFAULT_JSON_LIMIT = 64 * 1024 * 1024
+# The largest integer any database column of the suite holds (a signed 64-bit BIGINT);
+# past it a parameter is a client error, not the database's.
+MAX_INT = 2 ** 63 - 1
 
 
 def _encode_default(value):
@@ -80,6 +85,8 @@ def read_json(limit: int = DEFAULT_JSON_LIMIT):
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise BadRequest("request body is JSON nested too deeply", code="invalid_json") from None
 
 
 def drain(rfile) -> None:
@@ -95,11 +102,17 @@ def drain(rfile) -> None:
 
 
 def int_param(name: str, value) -> int:
-    """An integer request parameter, or 400 ``invalid_<name>``."""
+    """An integer request parameter that a database column can hold, or 400 ``invalid_<name>``."""
+    text = str(value).strip()
     try:
-        return int(str(value).strip())
+        # Bounded before int(): Python refuses to convert very long digit strings (ValueError too).
+        number = int(text) if len(text) <= 20 else None
     except (TypeError, ValueError):
-        raise BadRequest(f"{name} must be an integer, not {str(value)[:40]!r}", code=f"invalid_{name}") from None
+        number = None
+    if number is None or not -MAX_INT - 1 <= number <= MAX_INT:
+        raise BadRequest(f"{name} must be an integer from {-MAX_INT - 1} to {MAX_INT}, not {text[:40]!r}",
+                         code=f"invalid_{name}")
+    return number
 
 
 def _database_errors() -> tuple[type[BaseException], ...]:
@@ -114,6 +127,19 @@ def _database_errors() -> tuple[type[BaseException], ...]:
 
 
 DATABASE_ERRORS = _database_errors()
+
+
+def _value_errors() -> tuple[type[BaseException], ...]:
+    """What a database raises for a value it cannot hold (an integer out of range, a NUL in text)."""
+    errors: tuple[type[BaseException], ...] = (peewee.DataError, OverflowError)
+    try:
+        import psycopg2
+    except ImportError:
+        return errors
+    return errors + (psycopg2.DataError,)
+
+
+VALUE_ERRORS = _value_errors()
 
 
 def as_labvault_error(exc: BaseException, where: str = "") -> LabvaultError:
@@ -133,6 +159,10 @@ def as_labvault_error(exc: BaseException, where: str = "") -> LabvaultError:
     if is_disk_full(exc):
         logger.error("%s: disk full: %s", where or "request", exc)
         return InsufficientStorage("the service's storage is full; try again later")
+    if isinstance(exc, VALUE_ERRORS):
+        # Our own values always fit: a number or text the database cannot hold came from the client.
+        logger.info("%s: value refused by the database: %s", where or "request", " ".join(str(exc).split())[:300])
+        return BadRequest("a value in the request is out of range or not storable", code="invalid_value")
     logger.error("unhandled error in %s", where or "request", exc_info=exc)
     return LabvaultError("internal error; the service log has the details")
 
@@ -199,10 +229,95 @@ class JsonErrors:
 
 
 def outermost(application):
-    """What a server runs for ``application``: plain WSGI layers get ``JsonErrors`` around them."""
-    if isinstance(application, cherrypy.Application):
+    """What a server runs for ``application``: the ``RequestGuard`` in front of everything, and
+    ``JsonErrors`` around plain WSGI layers (CherryPy applications map their own errors)."""
+    if isinstance(application, RequestGuard):
         return application
-    return JsonErrors(application)
+    if not isinstance(application, cherrypy.Application):
+        application = JsonErrors(application)
+    return RequestGuard(application)
+
+
+# A Content-Length is digits only (no sign, no space, no exponent); anything else is refused
+# before a byte of the body is read. Past MAX_BODY (1 PiB) a declared body is absurd for every
+# service (the ingest service's own limit, [ingest] max_bundle_bytes, is far lower).
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,16}")
+MAX_BODY = 2 ** 50
+# In a path or query: NUL and other control characters, raw or %-encoded.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]|%(?:[01][0-9a-fA-F]|7[fF])")
+
+
+class RequestGuard:
+    """WSGI middleware in front of every service: requests built to break things get a fast 4xx
+    in the JSON error shape before any handler, database or body read sees them.
+
+    A malformed, negative or absurd ``Content-Length``; a path or query with control
+    characters (NUL above all: PostgreSQL cannot store it, file systems end names at it)
+    or not UTF-8. The answer closes the connection, so no body is waited for or read.
+    """
+
+    def __init__(self, application):
+        self.application = application
+
+    def __call__(self, environ, start_response):
+        error = self.problem(environ)
+        if error is None:
+            return self.application(environ, start_response)
+        return wsgi_json(start_response, error.status, error.to_dict(), [("Connection", "close")],
+                         environ.get("REQUEST_METHOD") != "HEAD")
+
+    @staticmethod
+    def problem(environ) -> LabvaultError | None:
+        length = environ.get("CONTENT_LENGTH", "")
+        if length and not (length.isascii() and length.isdigit()):
+            return BadRequest("Content-Length must be a whole number of bytes", code="invalid_content_length")
+        if length and (not _CONTENT_LENGTH.fullmatch(length) or int(length) > MAX_BODY):
+            return PayloadTooLarge(f"a body of {length[:40]} bytes is more than any labvault service takes")
+        path, query = environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
+        if _CONTROL.search(path) or _CONTROL.search(query):
+            return BadRequest("the path or query contains control characters", code="invalid_path")
+        try:
+            # WSGI hands the path over as latin-1 decoded bytes: they must be UTF-8.
+            path.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            return BadRequest("the path is not UTF-8", code="invalid_path")
+        return None
+
+
+class GuardedRequest(cheroot_server.HTTPRequest):
+    """cheroot's request, with its own refusals (malformed request line, header or length) in
+    the JSON error shape instead of plain text, and an application's ``Connection: close``
+    honoured: cheroot would otherwise read a body nobody wants in one piece before closing."""
+
+    def simple_response(self, status, msg=""):
+        code = int(str(status).split()[0])
+        if code < 400:
+            return super().simple_response(status, msg)
+        # Whatever follows on this connection (a body, the rest of a bad request) is garbage.
+        self.close_connection = True
+        error_code = "invalid_content_length" if "Content-Length" in str(msg) else code_for_status(code)
+        body = dumps({"status": status_line(code), "code": error_code,
+                      "message": str(msg or status_line(code))}).encode("utf-8")
+        head = (f"{self.server.protocol} {status_line(code)}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+        try:
+            self.conn.wfile.write(head + body)
+        except OSError:
+            pass  # the client is gone; nothing left to tell it
+
+    def send_headers(self):
+        if any(key.lower() == b"connection" and value.lower() == b"close" for key, value in self.outheaders):
+            self.close_connection = True
+        return super().send_headers()
+
+
+class GuardedConnection(cheroot_server.HTTPConnection):
+    RequestHandlerClass = GuardedRequest
+
+
+def guard_server(server) -> None:
+    """Make a cheroot server (CherryPy's, or a test's) answer its own errors as JSON."""
+    server.ConnectionClass = GuardedConnection
 
 
 def error_page(status, message, traceback, version) -> str:
@@ -254,12 +369,13 @@ def require_service_token(token: str = "") -> None:
     if not token or (request.path_info == "/" and request.method in ("GET", "HEAD")):
         return
     if not same_secret(request.headers.get(SERVICE_TOKEN_HEADER, ""), token):
-        drain(request.rfile)  # an unread body would otherwise be read whole by the server
+        # Unauthorized closes the connection: the body, however large, is never read.
         raise Unauthorized(f"this service answers other labvault services only ({SERVICE_TOKEN_HEADER})",
                            code="service_token_required")
 
 
-cherrypy.tools.labvault_service_token = cherrypy.Tool("before_handler", require_service_token, priority=10)
+# Before the request body is processed: a stranger's body is never read, not even a form.
+cherrypy.tools.labvault_service_token = cherrypy.Tool("before_request_body", require_service_token, priority=10)
 
 
 def make_application(root, db=None, extra: dict | None = None, service_token: str = "") -> cherrypy.Application:
@@ -316,10 +432,10 @@ def serve(application, settings: Settings, service: str,
           host: str | None = None, port: int | None = None) -> None:
     """Run one service (a CherryPy application, or WSGI in front of one) until SIGTERM/SIGINT."""
     cherrypy.config.update(global_config(settings, service, host, port))
-    if isinstance(application, cherrypy.Application):
-        cherrypy.tree.mount(application, "")
-    else:
-        cherrypy.tree.graft(outermost(application), "")
+    cherrypy.tree.graft(outermost(application), "")
+    server = cherrypy.server
+    server.httpserver, server.bind_addr = server.httpserver_from_self()
+    guard_server(server.httpserver)
     cherrypy.engine.signals.subscribe()
     cherrypy.engine.start()
     logger.info("%s service listening on http://%s:%s", service,

@@ -9,7 +9,7 @@ from common import migrations
 from common.celery_app import make_celery
 from common.clients import MetadataClient
 from common.db import request_connection
-from common.errors import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge
+from common.errors import BadRequest, LabvaultError, MethodNotAllowed, NotFound
 from common.settings import Settings
 from common.web import (
     HealthMixin,
@@ -48,8 +48,11 @@ class Upload:
             identity = self.identities.identify(request.headers, request.remote.ip)
             state = self.service.upload(request.rfile.read, parse_length(request.headers.get("Content-Length")),
                                         identity)
-        except PayloadTooLarge:
-            raise  # the HTTP server closes the connection after a 413: nothing to drain
+        except LabvaultError as exc:
+            # A refusal before the body was read (401, 413) closes the connection: never read it.
+            if exc.headers.get("Connection") != "close":
+                drain(request.rfile)
+            raise
         except BaseException:
             drain(request.rfile)
             raise

@@ -5,18 +5,24 @@ import json
 import sys
 
 from common.clients import MetadataClient
-from common.commands import CommandError, service_database
+from common.commands import CommandError, deployed_database, say_deployment
 from common.errors import LabvaultError
 from common.settings import Settings
+
+STEPS = ["UPLOADING", "open tar", "load metadata", "Policy Validation", "ingest files", "move files",
+         "ingest metadata"]
 
 
 def add_commands(add) -> None:
     job = add("job", cmd_job, "Set a job's state by hand (fix a stuck job).")
-    job.add_argument("--job-id", type=int, required=True)
-    job.add_argument("--state", required=True, choices=["OK", "FAILED"])
-    job.add_argument("--task", required=True)
-    job.add_argument("--task-percent", type=float, default=0.0)
-    job.add_argument("--exception", default="")
+    job.add_argument("--job-id", type=int, required=True, help="the job")
+    job.add_argument("--state", required=True, choices=["OK", "FAILED"], help="the state to record")
+    job.add_argument("--task", required=True, choices=STEPS, help="the step to record")
+    job.add_argument("--task-percent", type=float, default=None,
+                     help="the percent to record (default: keep the job's current one)")
+    job.add_argument("--exception", default="", help="the failure text, 'code: message'")
+    job.add_argument("--force", action="store_true",
+                     help="allow turning a finished OK job into FAILED (its archived files are removed)")
     add("reap", cmd_reap, "Re-enqueue unfinished jobs that nobody runs; fail those out of attempts "
                           "or whose upload never finished.")
     token = add("token", cmd_token, "Create, list or revoke per-user API tokens ([auth] mode = token).")
@@ -28,19 +34,52 @@ def add_commands(add) -> None:
 
 def cmd_job(args, settings: Settings) -> int:
     from ingest_service import jobs
-    db, _ = service_database(settings, "ingest")
+    say_deployment(args, settings)
+    db, _ = deployed_database(settings, "ingest")
     with db.connection_context():
         try:
-            jobs.get(args.job_id)
-            jobs.set_state(args.job_id, args.state, args.task, args.task_percent, args.exception)
+            job = jobs.get(args.job_id)
+            percent = job.task_percent if args.task_percent is None else args.task_percent
+            if args.state == jobs.FAILED:
+                _fail_by_hand(args, settings, job, percent)
+            else:
+                jobs.set_state(args.job_id, args.state, args.task, percent, args.exception)
         except LabvaultError as exc:
             raise CommandError(exc.message) from None
         print(json.dumps(jobs.state_json(jobs.get(args.job_id))))
     return 0
 
 
+def _fail_by_hand(args, settings: Settings, job, percent) -> None:
+    """FAILED by hand cleans up as any failure does (``pipeline.fail_job``); a finished OK job is
+    failed only with ``--force``: its files and metadata are already in use."""
+    from ingest_service import jobs, pipeline, tasks
+    if job.state == jobs.OK and jobs.is_complete(job) and not args.force:
+        raise CommandError(f"job {args.job_id} finished OK; failing it removes its archived files: "
+                           "add --force if that is what you want")
+    jobs.check_percent(percent)
+    exception = args.exception or "failed_by_admin: set FAILED with 'labvault job'"
+    pipeline.fail_job(tasks.context_for(settings), args.job_id, args.task, _AsError(exception))
+    jobs.update(args.job_id, task_percent=percent)
+
+
+class _AsError(LabvaultError):
+    """The admin's own text for the job's ``exception``, recorded as it is."""
+
+    code = "failed_by_admin"
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def as_exception_text(self) -> str:
+        return self.text
+
+
 def cmd_reap(args, settings: Settings) -> int:
     from ingest_service import reaper, tasks
+    say_deployment(args, settings)
+    deployed_database(settings, "ingest")
     try:
         reaped = tasks.reap_once(settings)
     except LabvaultError as exc:
@@ -54,7 +93,8 @@ def cmd_reap(args, settings: Settings) -> int:
 
 def cmd_token(args, settings: Settings) -> int:
     from ingest_service import identity
-    db, _ = service_database(settings, "ingest")
+    say_deployment(args, settings)
+    db, _ = deployed_database(settings, "ingest")
     with db.connection_context():
         if args.action == "create":
             if args.user is None:

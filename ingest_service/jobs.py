@@ -167,9 +167,13 @@ def touch(job_id: int, run_id: str | None = None) -> int:
     return query.execute()
 
 
-def release(job_id: int, run_id: str) -> int:
-    """Let go of a claim ``run_id`` holds; returns rows changed (0 if it held none)."""
-    return (Job.update({Job.claimed_by: None})
+def release(job_id: int, run_id: str, give_back_attempt: bool = False) -> int:
+    """Let go of a claim ``run_id`` holds (``give_back_attempt``: and un-count its attempt, for a
+    run that stopped because its worker shut down); returns rows changed (0 if it held none)."""
+    values = {Job.claimed_by: None}
+    if give_back_attempt:
+        values[Job.attempts] = Job.attempts - 1  # the run counted one when it started
+    return (Job.update(values)
             .where((Job.job_id == job_id) & (Job.claimed_by == run_id)).execute())
 
 

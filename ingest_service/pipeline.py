@@ -14,6 +14,12 @@ at once: the one that cannot claim returns ``HELD`` and does nothing. While it
 runs, a heartbeat thread keeps the claim fresh; a run whose claim was taken over
 (its heartbeat went stale) stops without touching the job.
 
+A worker that is shutting down (``IngestContext.stopping``) is not a failure: the run
+stops at the next file or step, gives the job back unfinished (claim released, the
+attempt not counted) and returns ``HANDED_BACK``; the next worker, or the reaper at
+the next start, runs it on. A dependency that fails while the worker shuts down
+(the services stop too) hands the job back as well.
+
 A failed step records FAILED with that step's label and ``code: message``,
 deletes the archive files the job wrote and the staged bundle (``fail_job``, also
 the reaper's way to end a job), and raises ``JobFailed`` so the task fails too.
@@ -30,6 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from common import bundles, registry
 from common.bundles import BundleError, Manifest
@@ -48,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 # What process_job answers when another live run holds the job.
 HELD = "held"
+# What process_job answers when the worker shuts down: the job is unfinished, nobody holds it.
+HANDED_BACK = "handed back"
 
 
 class JobFailed(Exception):
@@ -71,6 +80,14 @@ class _ClaimLost(Exception):
     """Another run took the job over: this run must stop without writing anything more."""
 
 
+class _Stopping(Exception):
+    """The worker is shutting down: this run hands the job back without failing it."""
+
+
+def _never() -> bool:
+    return False
+
+
 @dataclass
 class IngestContext:
     """What a job needs from the outside, built once per process from settings."""
@@ -83,16 +100,19 @@ class IngestContext:
     # Exceptions that mean "the task ran out of time" (Celery's soft time limit; the
     # task adapter supplies them so this module stays free of Celery).
     time_limits: tuple[type[BaseException], ...] = ()
+    # True once the worker shuts down (the task adapter supplies it: Celery's warm shutdown).
+    stopping: Callable[[], bool] = _never
 
     @classmethod
-    def from_settings(cls, settings: Settings, time_limits: tuple[type[BaseException], ...] = ()) -> IngestContext:
+    def from_settings(cls, settings: Settings, time_limits: tuple[type[BaseException], ...] = (),
+                      stopping: Callable[[], bool] = _never) -> IngestContext:
         session = make_session()
         return cls(settings,
                    MetadataClient(settings, session),
                    PolicyClient(settings, session),
                    ArchiveClient(settings, session),
                    Staging(settings.path("ingest", "staging_dir")),
-                   time_limits)
+                   time_limits, stopping)
 
 
 def new_run_id() -> str:
@@ -119,6 +139,8 @@ def process_job(context: IngestContext, job_id: int, run_id: str | None = None) 
     if jobs.is_complete(job):
         logger.info("job %s: already %s, nothing to do", job_id, job.state)
         return job.state
+    if context.stopping():
+        return HANDED_BACK  # arrived while the worker shuts down: not even claimed
     run_id = run_id or new_run_id()
     stale = context.settings.getfloat("ingest", "heartbeat_stale")
     if not jobs.claim(job_id, run_id, jobs.stale_cutoff(stale)):
@@ -127,6 +149,7 @@ def process_job(context: IngestContext, job_id: int, run_id: str | None = None) 
             return job.state
         logger.info("job %s: run %s holds it; this run leaves it alone", job_id, job.claimed_by)
         return HELD
+    result = None
     try:
         job = jobs.get(job_id)
         if job.attempts >= context.settings.getint("ingest", "max_attempts"):
@@ -137,10 +160,12 @@ def process_job(context: IngestContext, job_id: int, run_id: str | None = None) 
         # counted beside the step and percent the last run left.
         jobs.count_attempt(job_id, task=JobRun.first_step(job), task_percent=0)
         with job_heartbeat(job_id, run_id, context.settings.getfloat("ingest", "heartbeat_interval")) as heartbeat:
-            return JobRun(context, jobs.get(job_id), heartbeat).run()
+            result = JobRun(context, jobs.get(job_id), heartbeat).run()
+            return result
     finally:
         try:
-            jobs.release(job_id, run_id)
+            # A run handed back did not use up an attempt: a restart is not a lost worker.
+            jobs.release(job_id, run_id, give_back_attempt=result == HANDED_BACK)
         except Exception:  # noqa: BLE001 - must not hide how the run ended; the claim goes stale anyway
             logger.warning("job %s: could not release the claim of run %s", job_id, run_id, exc_info=True)
 
@@ -182,10 +207,15 @@ class JobRun:
             self._check_claim()
         except _ClaimLost:
             return self._stand_down()
+        except _Stopping:
+            return self._hand_back()
         except _StepFailed as failure:
             if self._claim_lost():
                 # Maybe the other run's doing (e.g. it recorded the metadata first): its job now.
                 return self._stand_down()
+            if self.context.stopping():
+                # The services it calls may be stopping with the worker: not the job's fault.
+                return self._hand_back()
             fail_job(self.context, self.job_id, failure.step, failure.error)
             raise JobFailed(self.job_id, failure.step, failure.error.as_exception_text()) from None
         finally:
@@ -205,10 +235,11 @@ class JobRun:
     def step(self, label: str):
         """Record ``label`` at 0% and turn any error inside into a failure of this step."""
         self._check_claim()
+        self._check_stopping()
         jobs.set_state(self.job_id, jobs.OK, label, 0)
         try:
             yield
-        except _ClaimLost:
+        except (_ClaimLost, _Stopping):
             raise
         except LabvaultError as error:
             raise _StepFailed(label, error) from None
@@ -295,11 +326,13 @@ class JobRun:
         total = max(manifest.total_bytes, 1)
         finished = 0
         for declared, opener, mtime in openers:
+            self._check_stopping()
             sent = 0
 
             def on_read(count: int) -> None:
                 nonlocal sent
                 sent += count
+                self._check_stopping()  # mid-file: the archive drops a body that stops short
                 self._progress((finished + sent) / total)  # noqa: B023 - runs only while this file streams
 
             def fresh_body(opener=opener, size=declared.size):
@@ -308,7 +341,15 @@ class JobRun:
                 return HashingReader(opener(), length=size, on_read=on_read)
 
             file_id = self.file_ids[declared.position]
-            answer = self.context.archive.put(file_id, fresh_body, declared.hashtype, declared.hashsum, mtime)
+            try:
+                answer = self.context.archive.put(file_id, fresh_body, declared.hashtype, declared.hashsum, mtime)
+            except LabvaultError as error:
+                # task_percent where the job stopped (the bytes of this file did not count), and
+                # the member's path in the bundle, not the archive's internal file id.
+                self._progress(finished / total, force=True)
+                what = (f"its {declared.hashtype} is not the declared {declared.hashsum}"
+                        if error.code == "hash_mismatch" else error.message)
+                raise LabvaultError(f"data/{declared.key[:200]}: {what}", code=error.code) from None
             if int(answer.get("total_bytes", -1)) != declared.size:
                 raise LabvaultError(f"archive stored {answer.get('total_bytes')} bytes of data/{declared.key[:200]}, "
                                     f"expected {declared.size}", code="size_mismatch")
@@ -343,6 +384,14 @@ class JobRun:
     def _check_claim(self) -> None:
         if self._claim_lost():
             raise _ClaimLost()
+
+    def _check_stopping(self) -> None:
+        if self.context.stopping():
+            raise _Stopping()
+
+    def _hand_back(self) -> str:
+        logger.warning("job %s: the worker is shutting down; the job is handed back unfinished", self.job_id)
+        return HANDED_BACK
 
     def _stand_down(self) -> str:
         logger.warning("job %s: another run took the job over; this run stops here", self.job_id)

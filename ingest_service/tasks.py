@@ -4,9 +4,9 @@ from __future__ import annotations
 import datetime
 
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from common.celery_app import RetryLater, celery_for, enqueue, make_celery, task
+from common.celery_app import RetryLater, celery_for, enqueue, make_celery, shutting_down, task
 from common.db import bind
 from common.settings import Settings
 from ingest_service import jobs, models, pipeline, reaper
@@ -25,7 +25,7 @@ def context_for(settings: Settings) -> pipeline.IngestContext:
     if entry is None:
         bind(models.database, settings.database_url("ingest"))
         entry = _contexts[id(settings)] = (settings, pipeline.IngestContext.from_settings(
-            settings, time_limits=(SoftTimeLimitExceeded,)))
+            settings, time_limits=(SoftTimeLimitExceeded,), stopping=shutting_down))
     return entry[1]
 
 
@@ -55,10 +55,17 @@ def process_job(settings: Settings, job_id: int) -> str:
 
     When another run holds the job, this one comes back once that run's heartbeat would be
     stale: a run lost with its worker blocks the job for about ``[ingest] heartbeat_stale``.
+    When the worker shuts down, the run gives the job back unfinished and the message is
+    requeued.
     """
     context = context_for(settings)
     with models.database.connection_context():
         result = pipeline.process_job(context, int(job_id))
+        if result == pipeline.HANDED_BACK:
+            # Not acked as done: the broker keeps the message for the next worker (RabbitMQ
+            # requeues it; the filesystem broker's copy is dropped at `labvault up`, whose
+            # reaper re-drives the job).
+            raise Reject(f"job {job_id} handed back: the worker is shutting down", requeue=True)
         if result == pipeline.HELD:
             wait = jobs.held_for(int(job_id), settings.getfloat("ingest", "heartbeat_stale"))
             if wait is not None:

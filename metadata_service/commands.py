@@ -1,10 +1,11 @@
 """The metadata service's ``labvault`` commands: ``seed``."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from common import migrations
-from common.commands import CommandError, service_database
+from common.commands import CommandError, has_schema, say_deployment, service_database
 from common.errors import LabvaultError
 from common.settings import Settings
 
@@ -19,6 +20,12 @@ def cmd_seed(args, settings: Settings) -> int:
     path = Path(args.path)
     if not path.exists():
         raise CommandError(f"{path} does not exist")
+    say_deployment(args, settings)
+    if not has_schema(settings, "metadata"):
+        # Most often the wrong directory (seed run from elsewhere than `up`): say so loudly.
+        print(f"labvault seed: WARNING: no labvault deployment at {settings.data_dir} yet; creating its "
+              "metadata schema here. If the deployment is elsewhere, give --data-dir or LABVAULT_DATA_DIR",
+              file=sys.stderr)
     db, schema = service_database(settings, "metadata")
     with db.connection_context():
         migrations.sync(db, schema)

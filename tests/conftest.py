@@ -1,4 +1,6 @@
-"""Fixtures shared by the integration and end-to-end tests."""
+"""Fixtures shared by the integration and end-to-end tests, and the run's summary of skips."""
+import collections
+
 import pytest
 
 from tests.helpers import Stack, seeded
@@ -43,3 +45,17 @@ def s3_bucket(s3_endpoint, monkeypatch):
     for name, value in s3_endpoint.environ().items():
         monkeypatch.setenv(name, value)
     return f"labvault-{uuid.uuid4().hex[:12]}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line at the end: which groups of tests were skipped, and why (a missing server or
+    package), so a run that tested less than the machine could is never silent about it."""
+    reasons = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        groups = "; ".join(f"{count} because {reason}" for reason, count in reasons.most_common())
+        terminalreporter.write_line(f"skipped: {groups}", yellow=True)
+    else:
+        terminalreporter.write_line("skipped: none (every group of tests ran)")

@@ -42,9 +42,12 @@ def make_settings(data_dir: Path, **sections) -> Settings:
 
 @contextlib.contextmanager
 def serve_wsgi(application, port: int | None = None) -> Iterator[str]:
-    """Serve a WSGI application on a free loopback port in a thread; yields its base URL."""
+    """Serve a WSGI application on a free loopback port in a thread, guarded as ``labvault serve``
+    guards it (``common.web.outermost``, ``guard_server``); yields its base URL."""
+    from common.web import guard_server, outermost
     port = port or free_port()
-    server = wsgi.Server(("127.0.0.1", port), application, numthreads=8)
+    server = wsgi.Server(("127.0.0.1", port), outermost(application), numthreads=8)
+    guard_server(server)
     server.prepare()
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
@@ -187,11 +190,14 @@ class Stack(StackBase):
 
     def start(self, timeout: float = 90) -> Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.data_dir / "up.log", "ab")
+        log_path = self.data_dir / "up.log"
+        # A second start in the same directory appends: look only at what this one says.
+        seen = log_path.stat().st_size if log_path.exists() else 0
+        self.log = open(log_path, "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "common.cli", "up"],
                                         env=env_for(self.settings, self.environ),
                                         stdout=self.log, stderr=subprocess.STDOUT, cwd=self.data_dir)
-        wait_for(lambda: b"labvault: up" in (self.data_dir / "up.log").read_bytes() or self._died(),
+        wait_for(lambda: b"labvault: up" in log_path.read_bytes()[seen:] or self._died(),
                  timeout=timeout, message="labvault up")
         if self.process.poll() is not None:
             raise AssertionError("labvault up exited:\n" + (self.data_dir / "up.log").read_text(errors="replace"))

@@ -1,5 +1,7 @@
 """Every accepted job ends, under ``labvault up`` (SQLite, filesystem broker): a worker
 killed in the middle of a transfer is started again and the reaper re-drives its job;
+a `labvault up` stopped (SIGTERM) in the middle of a transfer hands the job back and the
+next `labvault up` completes it;
 a job whose worker keeps dying fails ``worker_lost`` and leaves nothing behind; and
 ``labvault reap`` settles what it finds, printing what it did.
 """
@@ -13,6 +15,7 @@ import requests
 from common.db import open_database, utcnow
 from ingest_service.models import Job
 from tests.helpers import (
+    FIXTURES,
     Stack,
     archive_sha1,
     fixture_bundle,
@@ -131,6 +134,37 @@ def test_a_job_whose_worker_dies_every_time_fails_worker_lost_and_leaves_nothing
     assert not list(staging.glob(f"{job_id}.*"))
     # The stack works on: a new job goes through.
     assert recovering.ingest(fixture_bundle("good-md.json"))["state"] == "OK"
+
+
+def test_sigterm_of_up_mid_transfer_hands_the_job_back_and_the_next_up_completes_it(tmp_path, big_bundle):
+    bundle, expected = big_bundle
+    stack = Stack(tmp_path, ingest=RECOVERY).start()
+    try:
+        stack.cli("seed", str(FIXTURES / "metadata-seed"))
+        job_id = post_file(stack, bundle)
+        wait_for(lambda: (lambda row: row.task == "ingest files" and 10 <= row.task_percent < 90)(
+            job_row(stack, job_id)), timeout=60, interval=0.01, message="the job half-way through its files")
+    finally:
+        stack.stop()
+    assert stack.process.returncode == 0
+    # A restart is not a failure: unfinished, nobody holds it, no attempt used up.
+    row = job_row(stack, job_id)
+    assert (row.state, row.task, row.exception) == ("OK", "ingest files", ""), row.exception
+    assert row.task_percent < 100 and row.claimed_by is None and row.attempts == 0
+    assert "handed back unfinished" in (tmp_path / "log" / "worker.log").read_text()
+
+    again = Stack(tmp_path, ingest=RECOVERY).start()
+    try:
+        final = again.wait_job(job_id, timeout=120)
+        assert (final["state"], final["task"], final["task_percent"], final["complete"]) == OK_END, final
+        rows = metadata_files(again, job_id)
+        assert sorted(f"{r['subdir']}/{r['name']}" for r in rows) == sorted(expected)  # every file, once
+        for r in rows:
+            assert archive_sha1(again, r["_id"]) == expected[f"{r['subdir']}/{r['name']}"]
+        assert_nothing_incoming(again)
+        assert f"re-enqueued 1 unfinished job(s): {job_id}" in (tmp_path / "up.log").read_text()
+    finally:
+        again.stop()
 
 
 def test_labvault_reap_settles_quiet_jobs_and_says_what_it_did(tmp_path):

@@ -45,7 +45,7 @@ def download(stack, computed_id, key) -> bytes:
 @pytest.fixture(scope="module")
 def project(stack):
     name = new_project(stack, "dl")
-    (a, _), (b, b_counts) = h5ad_bytes(seed=11, n_cells=50), h5ad_bytes(seed=12, n_cells=70, raw=True)
+    (a, _), (b, _) = h5ad_bytes(seed=11, n_cells=50), h5ad_bytes(seed=12, n_cells=70, raw=True)
     for payload, sample in (({"cells/a.h5ad": a, "tables/a.csv": CSV_A}, "s1"),
                             ({"cells/b.h5ad": b, "tables/b.csv": CSV_B}, "s2")):
         final = stack.ingest(payload_bundle(payload, project=name, keys={"sample": sample, "tissue": "liver"}))

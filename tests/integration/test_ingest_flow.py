@@ -140,13 +140,24 @@ def test_get_state_forms_and_errors(stack):
 
 def test_admin_job_command_changes_state(stack):
     job_id = stack.ingest(fixture_bundle("good-md.json"))["job_id"]
-    stack.cli("job", "--job-id", str(job_id), "--state", "FAILED", "--task", "ingest files",
-              "--task-percent", "0.0", "--exception", "Failed by administrator")
+    failing = ("job", "--job-id", str(job_id), "--state", "FAILED", "--task", "ingest files",
+               "--task-percent", "0.0", "--exception", "Failed by administrator")
+    refused = stack.cli(*failing, check=False)
+    assert refused.returncode == 1 and "finished OK" in refused.stderr and "--force" in refused.stderr
+    assert stack.state(job_id)["state"] == "OK"
+    files = requests.get(f"{stack.url('metadata')}/files", params={"transaction": job_id}, timeout=10).json()
+    assert files
+    stack.cli(*failing, "--force")
     state = stack.state(job_id)
     assert (state["state"], state["task"], state["task_percent"], state["exception"], state["complete"]) == \
         ("FAILED", "ingest files", "0.0", "Failed by administrator", True)
-    missing = stack.cli("job", "--job-id", "999999", "--state", "OK", "--task", "x", check=False)
+    # Cleaned up as any failure: the job's files are gone from the archive.
+    for row in files:
+        assert requests.head(f"{stack.url('archive')}/{row['_id']}", timeout=10).status_code == 404
+    missing = stack.cli("job", "--job-id", "999999", "--state", "OK", "--task", "open tar", check=False)
     assert missing.returncode == 1 and "no job 999999" in missing.stderr
+    bad_task = stack.cli("job", "--job-id", str(job_id), "--state", "OK", "--task", "x", check=False)
+    assert bad_task.returncode == 2 and "'ingest files'" in bad_task.stderr
 
 
 def test_move_takes_files_under_allowed_roots_only(stack):

@@ -98,9 +98,13 @@ def test_json_errors_leaves_good_answers_and_started_responses_alone():
         call(JsonErrors(fails_late))
 
 
-def test_outermost_wraps_only_plain_wsgi_layers():
+def test_outermost_guards_everything_and_wraps_only_plain_wsgi_layers_in_json_errors():
     import cherrypy
+
+    from common.web import RequestGuard
     application = cherrypy.Application(object())
-    assert outermost(application) is application
+    guarded = outermost(application)
+    assert isinstance(guarded, RequestGuard) and guarded.application is application
+    assert outermost(guarded) is guarded
     plain = outermost(lambda environ, start_response: [])
-    assert isinstance(plain, JsonErrors)
+    assert isinstance(plain, RequestGuard) and isinstance(plain.application, JsonErrors)
