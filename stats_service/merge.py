@@ -1,10 +1,12 @@
 """A merged AnnData file of several ``.h5ad`` inputs, built on disk with bounded memory.
 
-``X`` (and ``raw.X`` when every input has one) are concatenated by
-``anndata.experimental.concat_on_disk``, which streams sparse matrices in slices and never
-loads a whole matrix. It carries neither ``.raw`` nor ``.uns``, so the raw counts go through
-a second on-disk concatenation whose result is copied into the target's ``raw`` group by
-HDF5 (``h5py`` group copies: no matrix passes through Python). Every input is first checked
+The tables (obs, var) are concatenated by ``anndata.experimental.concat_on_disk``; so is
+``X`` when the inputs order their genes differently (it reindexes in row slices). When the
+gene order is the same everywhere (the usual case) concat_on_disk would read each input's
+whole matrix at once, so it is handed an empty placeholder instead and the CSR arrays are
+stacked here, slice by slice (``MAX_LOADED_ELEMS``). concat_on_disk carries neither
+``.raw`` nor ``.uns``: the raw counts go through a second pass of the same kind into the
+target's ``raw`` group (an ``h5py`` copy when concat_on_disk built them). Every input is first checked
 by reading only its shapes and names, so a refusal (``MergeSkipped``) writes nothing.
 
 What the merged file keeps: ``X``, ``raw.X`` with ``raw.var``, the ``obs`` columns common to
@@ -94,14 +96,18 @@ def merge_h5ad(inputs: list[tuple[Path, str, str]], target: Path, max_cells: int
     has_raw = described[0].raw_genes is not None
     try:
         views = scratch / "views.h5"
-        _write_views(views, described)
+        stacked = _write_views(views, described)
         report(10, "merging the matrices")
         _concat(views, "X", partial, labels, clash)
+        if "X" in stacked:
+            _stack_into(partial, "X", described, "X")
         if has_raw:
             report(55, "merging the raw counts")
             raw_merged = scratch / "raw.h5"
             _concat(views, "raw", raw_merged, labels, clash)
-            _attach_raw(raw_merged, partial)
+            _attach_raw(raw_merged, partial, copy_matrix="raw" not in stacked)
+            if "raw" in stacked:
+                _stack_into(partial, "raw/X", described, "raw/X")
         report(95, "labelling the cells")
         _label_cells(partial, described)
         os.replace(partial, target)
@@ -220,11 +226,16 @@ def _obs_names_clash(described: list[_Input]) -> bool:
     return False
 
 
-def _write_views(views: Path, described: list[_Input]) -> None:
+def _write_views(views: Path, described: list[_Input]) -> set[str]:
     """An HDF5 file of AnnData-shaped groups that link (external links: no bytes copied) to each
-    input's matrix and tables: ``X/<i>`` for the processed matrix, ``raw/<i>`` for raw counts."""
+    input's matrix and tables: ``X/<i>`` for the processed matrix, ``raw/<i>`` for raw counts.
+    Returns the kinds whose matrices get an empty placeholder, to be stacked by ``_stack_into``."""
     import h5py
     from anndata.io import write_elem
+    stacked = {kind for kind, genes, encodings in (
+        ("X", [item.genes for item in described], {item.encoding for item in described}),
+        ("raw", [item.raw_genes for item in described], {item.raw_encoding for item in described}))
+        if genes[0] is not None and all(names == genes[0] for names in genes) and encodings == {CSR}}
     with h5py.File(views, "w") as handle:
         for number, item in enumerate(described):
             source = str(item.path)
@@ -234,7 +245,11 @@ def _write_views(views: Path, described: list[_Input]) -> None:
                 group = handle.create_group(f"{kind}/{number}")
                 group.attrs["encoding-type"], group.attrs["encoding-version"] = "anndata", "0.1.0"
                 prefix = "" if kind == "X" else "/raw"
-                group["X"] = h5py.ExternalLink(source, f"{prefix}/X")
+                if kind in stacked:
+                    genes = item.genes if kind == "X" else item.raw_genes
+                    _placeholder(group, (item.cells, len(genes)))
+                else:
+                    group["X"] = h5py.ExternalLink(source, f"{prefix}/X")
                 group["var"] = h5py.ExternalLink(source, f"{prefix}/var")
                 if kind == "X":
                     group["obs"] = h5py.ExternalLink(source, "/obs")
@@ -250,6 +265,59 @@ def _write_views(views: Path, described: list[_Input]) -> None:
                 # Left out on purpose (see the module docstring); concat_on_disk needs them present.
                 for name in ("obsm", "varm", "obsp", "varp", "layers"):
                     write_elem(group, name, {})
+    return stacked
+
+
+def _placeholder(group, shape: tuple[int, int]) -> None:
+    """An all-zero CSR matrix of ``shape`` that takes no memory: indptr is all HDF5 fill value."""
+    import numpy as np
+    matrix = group.create_group("X")
+    matrix.attrs.update({"encoding-type": CSR, "encoding-version": "0.1.0", "shape": shape})
+    matrix.create_dataset("data", shape=(0,), dtype=np.float32)
+    matrix.create_dataset("indices", shape=(0,), dtype=np.int32)
+    matrix.create_dataset("indptr", shape=(shape[0] + 1,), dtype=np.int64, fillvalue=0)
+
+
+def _stack_into(target: Path, name: str, described: list[_Input], source_name: str) -> None:
+    """Replace ``name`` in ``target`` by the inputs' ``source_name`` CSR matrices stacked by rows,
+    copying at most ``MAX_LOADED_ELEMS`` values at a time."""
+    import contextlib
+
+    import h5py
+    import numpy as np
+    step = max(1, MAX_LOADED_ELEMS)
+    with contextlib.ExitStack() as stack, h5py.File(target, "a") as handle:
+        sources = [stack.enter_context(h5py.File(item.path, "r"))[source_name] for item in described]
+        cells = sum(int(source.attrs["shape"][0]) for source in sources)
+        genes = int(sources[0].attrs["shape"][1])
+        nnz = sum(source["indices"].shape[0] for source in sources)
+        if name in handle:
+            del handle[name]  # the placeholder concat_on_disk copied
+        matrix = handle.create_group(name)
+        matrix.attrs.update({"encoding-type": CSR, "encoding-version": "0.1.0", "shape": (cells, genes)})
+        outputs = {
+            "data": matrix.create_dataset("data", shape=(nnz,),
+                                          dtype=np.result_type(*(s["data"].dtype for s in sources))),
+            "indices": matrix.create_dataset("indices", shape=(nnz,),
+                                             dtype=np.result_type(*(s["indices"].dtype for s in sources))),
+        }
+        indptr = matrix.create_dataset("indptr", shape=(cells + 1,),
+                                       dtype=np.int64 if nnz >= np.iinfo(np.int32).max else np.int32)
+        indptr[0] = 0
+        row = offset = 0
+        for source in sources:
+            count = source["indices"].shape[0]
+            for key, output in outputs.items():
+                for start in range(0, count, step):
+                    stop = min(count, start + step)
+                    output[offset + start:offset + stop] = source[key][start:stop]
+            rows = int(source.attrs["shape"][0])
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                # indptr[0] of each input is 0: its rows continue where the last input ended.
+                indptr[row + start + 1:row + stop + 1] = source["indptr"][start + 1:stop + 1].astype(np.int64) + offset
+            row += rows
+            offset += count
 
 
 def _concat(views: Path, kind: str, out: Path, labels: list[str], clash: bool) -> None:
@@ -262,14 +330,16 @@ def _concat(views: Path, kind: str, out: Path, labels: list[str], clash: bool) -
                        index_unique=INDEX_SEPARATOR if clash else None, max_loaded_elems=MAX_LOADED_ELEMS)
 
 
-def _attach_raw(raw_merged: Path, target: Path) -> None:
-    """Copy the merged raw counts and their var table into ``target``'s ``raw`` group (HDF5 copies)."""
+def _attach_raw(raw_merged: Path, target: Path, copy_matrix: bool) -> None:
+    """Copy the merged raw var table (and counts, unless they are stacked separately) into
+    ``target``'s ``raw`` group (HDF5 copies)."""
     import h5py
     from anndata.io import write_elem
     with h5py.File(raw_merged, "r") as source, h5py.File(target, "a") as handle:
         raw = handle.create_group("raw")
         raw.attrs["encoding-type"], raw.attrs["encoding-version"] = "raw", "0.1.0"
-        source.copy(source["X"], raw, "X")
+        if copy_matrix:
+            source.copy(source["X"], raw, "X")
         source.copy(source["var"], raw, "var")
         write_elem(raw, "varm", {})
 

@@ -10,7 +10,6 @@ HTTP, no Celery, no database.
 from __future__ import annotations
 
 import hashlib
-import posixpath
 import re
 import string
 import zipfile

@@ -48,7 +48,10 @@ def no_whole_reads(monkeypatch):
 REAL_READ = anndata.read_h5ad
 
 
-def test_three_files_with_raw_counts_merge_on_disk(tmp_path, no_whole_reads):
+@pytest.mark.parametrize("slice_elems", [merge.MAX_LOADED_ELEMS, 4])
+def test_three_files_with_raw_counts_merge_on_disk(tmp_path, no_whole_reads, monkeypatch, slice_elems):
+    # A tiny slice makes every matrix cross many slice boundaries.
+    monkeypatch.setattr(merge, "MAX_LOADED_ELEMS", slice_elems)
     inputs = [build(tmp_path / f"in{i}.h5ad", cells, seed=i, raw=True, prefix=f"s{i}-")
               for i, cells in enumerate((5, 7, 3))]
     progress = []
