@@ -5,5 +5,7 @@ SERVICE = Service(
     name="archive", title="Archive", port=8080, order=20,
     app="archive_service.app:build_app",
     models="archive_service.models",
-    queue="archive",
+    tasks=("archive_service.tasks",), queue="archive",
+    periodic="archive_service.tasks:periodic",
+    commands="archive_service.commands:add_commands",
 )

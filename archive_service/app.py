@@ -2,10 +2,14 @@
 
 ``PUT /<id>`` streams in, ``GET /<id>`` streams out (with Range), ``HEAD /<id>`` describes,
 ``DELETE /<id>`` removes, ``PATCH /<id>`` copies a server-local file in, ``POST /<id>``
-stages. Handlers decode, call ``archive.Archive``, encode; errors become JSON in common.web.
+stages. ``GET /fixity`` lists files whose last fixity check found a problem and
+``GET /fixity/summary`` counts results (named routes win over ``/<id>``: CherryPy looks
+up attributes before it pops an id). Handlers decode, call ``archive.Archive`` or
+``fixity``, encode; errors become JSON in common.web.
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import email.utils
 import logging
@@ -13,20 +17,57 @@ from typing import Iterable
 
 import cherrypy
 from cherrypy.lib import httputil
-from cherrypy.lib import static
 
-from archive_service import models
+from archive_service import fixity, models
 from archive_service.archive import Archive, FileInfo, PutResult, parse_file_id
-from archive_service.storage import make_storage
+from archive_service.backends import make_storage
 from common import migrations
-from common.errors import BadRequest, LengthRequired
+from common.errors import BadRequest, LabvaultError, LengthRequired, NotFound, code_for_status
+from common.hashing import CHUNK_SIZE
 from common.settings import Settings
-from common.web import HealthMixin, drain, json_body, make_application, read_json
+from common.web import HealthMixin, drain, int_param, json_body, make_application, read_json
 
 logger = logging.getLogger(__name__)
 
 HASH_TYPE_HEADER = "X-Hash-Type"
 HASH_SUM_HEADER = "X-Hash-Sum"
+SHA256_HEADER = "X-Labvault-Sha256"
+# Range requests are answered in pieces of this size, whatever the backend.
+SEND_CHUNK = CHUNK_SIZE
+
+
+class RangeNotSatisfiable(LabvaultError):
+    status = 416
+    code = code_for_status(416)
+
+    def __init__(self, size: int):
+        super().__init__(f"the requested range is outside the file's {size} bytes")
+        self.headers = {"Content-Range": f"bytes */{size}"}
+
+
+class FixitySummary:
+    """``GET /fixity/summary``: counts of the last fixity results."""
+
+    exposed = True
+
+    def GET(self, **_params) -> bytes:  # noqa: N802
+        return json_body(fixity.summary())
+
+
+class FixityProblems:
+    """``GET /fixity?result=mismatch&page_number=1&items_per_page=100``: files whose last check failed."""
+
+    exposed = True
+
+    def __init__(self):
+        self.summary = FixitySummary()
+
+    def GET(self, *path, result: str | None = None, page_number="1", items_per_page="100",  # noqa: N802
+            **_params) -> bytes:
+        if path:  # CherryPy hands what follows /fixity/ over as positional arguments
+            raise NotFound(f"no resource /fixity/{'/'.join(path)[:60]}", code="not_found")
+        return json_body(fixity.problems(result, int_param("page_number", page_number),
+                                         int_param("items_per_page", items_per_page)))
 
 
 @cherrypy.popargs("file_id")
@@ -38,37 +79,52 @@ class ArchiveRoot(HealthMixin):
 
     def __init__(self, archive: Archive):
         self.archive = archive
+        self.fixity = FixityProblems()
 
     # noqa below: the verbs are CherryPy MethodDispatcher method names.
     def GET(self, file_id: str | None = None, **_params) -> bytes | Iterable[bytes]:  # noqa: N802
         if file_id is None:
             return super().GET()
-        info, handle = self.archive.open(_required_id(file_id))
-        try:
-            _describe(info)
-            cherrypy.serving.response.headers["Content-Type"] = "application/octet-stream"
-            # The public serve_fileobj learns the length only from fstat(), which an S3
-            # stream has not; this is the helper it delegates to (Range, 206, 416).
-            return static._serve_fileobj(handle, "application/octet-stream", info.size)
-        except BaseException:
-            handle.close()
-            raise
+        info = self.archive.stat(_required_id(file_id))
+        start, end = _byte_range(cherrypy.serving.request.headers.get("Range"), info.size)
+        # The backend reads the range itself (S3: a ranged GetObject): no seek needed.
+        info, handle = self.archive.open(info.file_id, start, end)
+        response = cherrypy.serving.response
+        self._describe(info)
+        if end is not None:
+            response.status = 206
+            response.headers["Content-Range"] = f"bytes {start}-{end}/{info.size}"
+        # A Content-Length keeps CherryPy from collecting the body in memory.
+        response.headers["Content-Length"] = str((info.size if end is None else end + 1) - start)
+        return _stream(handle)
 
     def HEAD(self, file_id: str | None = None, **_params) -> bytes:  # noqa: N802
         info = self.archive.stat(_required_id(file_id))
+        self._describe(info)
+        cherrypy.serving.response.headers["Content-Length"] = str(info.size)
+        return b""
+
+    def _describe(self, info: FileInfo) -> None:
+        """The headers GET and HEAD share: size, times, digests, storage media."""
         headers = cherrypy.serving.response.headers
-        _describe(info)
         headers.update({
+            # Stored bytes are never interpreted: no type guessing, no sniffing.
             "Content-Type": "application/octet-stream",
-            "Content-Length": str(info.size),
+            "X-Content-Type-Options": "nosniff",
+            "Accept-Ranges": "bytes",
+            "Last-Modified": httputil.HTTPDate(info.mtime_epoch),
+            HASH_TYPE_HEADER: info.hashtype,
+            HASH_SUM_HEADER: info.hashsum,
             "X-Pacifica-File-Size": str(info.size),
             "X-Pacifica-Mtime": str(int(info.mtime_epoch)),
             "X-Pacifica-Ctime": str(int(info.created_epoch)),
-            "X-Pacifica-File-Storage-Media": "disk",
+            "X-Pacifica-File-Storage-Media": self.archive.storage.media,
             # Three s's: Pacifica's spelling, which its clients read.
             "X-Pacifica-Messsage": "File was found",
         })
-        return b""
+        if info.sha256:
+            headers[SHA256_HEADER] = info.sha256
+            headers["Digest"] = "sha-256=" + base64.b64encode(bytes.fromhex(info.sha256)).decode("ascii")
 
     # The body must reach the handler unread: CherryPy would otherwise parse a form-encoded
     # body into memory. Handler config is applied before the body is processed.
@@ -106,7 +162,10 @@ class ArchiveRoot(HealthMixin):
 def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Application:
     """The archive's CherryPy application; refuses to build on a schema of another major version."""
     db = migrations.bind_service(models.database, settings.database_url("archive"), models.SCHEMA, check_schema)
-    archive = Archive(make_storage(settings), settings.getlist("archive", "patch_roots"))
+    storage = make_storage(settings)
+    # A bucket that is not there (or cannot be reached) stops the start with one clear line.
+    storage.prepare(create=settings.getbool("archive", "create_bucket", False))
+    archive = Archive(storage, settings.getlist("archive", "patch_roots"))
     return make_application(ArchiveRoot(archive), db=db,
                             service_token=settings.service_token)
 
@@ -117,11 +176,29 @@ def _required_id(file_id) -> int:
     return parse_file_id(file_id)
 
 
-def _describe(info: FileInfo) -> None:
-    headers = cherrypy.serving.response.headers
-    headers["Last-Modified"] = httputil.HTTPDate(info.mtime_epoch)
-    headers[HASH_TYPE_HEADER] = info.hashtype
-    headers[HASH_SUM_HEADER] = info.hashsum
+def _byte_range(header: str | None, size: int) -> tuple[int, int | None]:
+    """(start, end inclusive) of a single-range request; (0, None) for the whole file.
+
+    Several ranges get the whole file (200), which RFC 9110 allows; a range that cannot
+    be satisfied is 416 with ``Content-Range: bytes */size``.
+    """
+    if not header:
+        return 0, None
+    ranges = httputil.get_ranges(header, size)
+    if ranges is None or len(ranges) > 1:
+        return 0, None  # not a byte range we understand, or several: the whole file
+    if not ranges:
+        raise RangeNotSatisfiable(size)
+    start, stop = ranges[0]
+    return start, stop - 1
+
+
+def _stream(handle) -> Iterable[bytes]:
+    try:
+        while chunk := handle.read(SEND_CHUNK):
+            yield chunk
+    finally:
+        handle.close()
 
 
 def _put_answer(result: PutResult, created: str, unchanged: str) -> bytes:

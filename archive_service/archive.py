@@ -2,8 +2,9 @@
 
 Plain Python (no CherryPy): ``app.py`` decodes requests and calls ``Archive``.
 The rules every way in (PUT, PATCH) shares:
-- bytes are hashed as they are written; with an expected hash sum a mismatch
-  aborts the write, so nothing becomes visible (no file, no temp file, no row);
+- bytes are hashed as they are written (the declared hash type, and always sha256,
+  which fixity checks re-compute); with an expected hash sum a mismatch aborts the
+  write, so nothing becomes visible (no file, no temp file, no object, no row);
 - write-once: the same bytes again are accepted without change, other bytes are a conflict;
 - the bytes are published first and the row second, so a listed file always has bytes.
 """
@@ -24,6 +25,9 @@ from common.errors import BadRequest, Conflict, Forbidden, NotFound
 from common.hashing import CHUNK_SIZE, DEFAULT_HASH_TYPE, HEX_LENGTHS, new_hasher, normalise_hashsum, normalise_hashtype
 
 logger = logging.getLogger(__name__)
+
+# The digest the archive keeps of every file, whatever the writer declared.
+SHA256 = "sha256"
 
 # The id column is a signed 64-bit integer in every database we run on.
 MAX_FILE_ID = 2 ** 63 - 1
@@ -48,6 +52,7 @@ class FileInfo:
     hashsum: str
     mtime: datetime.datetime  # naive UTC
     created: datetime.datetime  # naive UTC
+    sha256: str | None = None  # None only for files archived before the archive kept it
 
     @property
     def mtime_epoch(self) -> float:
@@ -121,20 +126,20 @@ class Archive:
 
     def _write_new(self, file_id: int, stream: Readable, expected: _Expected,
                    when: datetime.datetime, size: int | None) -> PutResult:
-        hasher = new_hasher(expected.hashtype)
+        hashers = _hashers(expected.hashtype)
         with self.storage.begin_write(file_id) as upload:
-            total = _copy(file_id, stream, upload.write, [hasher], size)
-            digest = hasher.hexdigest()
+            total = _copy(file_id, stream, upload.write, hashers.values(), size)
+            digest, sha256 = hashers[expected.hashtype].hexdigest(), hashers[SHA256].hexdigest()
             _verify(file_id, expected, digest)
             try:
                 upload.commit()
             except AlreadyExists:
-                return self._settle_race(file_id, expected.hashtype, digest, total, when)
+                return self._settle_race(file_id, expected.hashtype, digest, sha256, total, when)
         try:
             with database.atomic():
                 # Ignoring a conflict is safe: only a writer of these very bytes inserts a row
                 # for this id (see _settle_race).
-                _insert_ignore(file_id, total, expected.hashtype, digest, when)
+                _insert_ignore(file_id, total, expected.hashtype, digest, sha256, when)
         except BaseException:
             # The row is what makes a file archived; bytes without it must not stay behind.
             self.storage.delete(file_id)
@@ -144,32 +149,57 @@ class Archive:
 
     def _compare_with_record(self, existing: ArchiveFile, stream: Readable, expected: _Expected,
                              size: int | None) -> PutResult:
-        hashers = {existing.hashtype: new_hasher(existing.hashtype)}
-        hashers.setdefault(expected.hashtype, new_hasher(expected.hashtype))
+        hashers = _hashers(existing.hashtype, expected.hashtype)
         total = _copy(existing.file_id, stream, None, hashers.values(), size)
         _verify(existing.file_id, expected, hashers[expected.hashtype].hexdigest())
-        if total != existing.size or hashers[existing.hashtype].hexdigest() != existing.hashsum:
+        if (total != existing.size or hashers[existing.hashtype].hexdigest() != existing.hashsum
+                or (existing.sha256 and hashers[SHA256].hexdigest() != existing.sha256)):
             raise _exists(existing.file_id)
         return PutResult(False, total)
 
-    def _settle_race(self, file_id: int, hashtype: str, digest: str, total: int,
+    def _settle_race(self, file_id: int, hashtype: str, digest: str, sha256: str, total: int,
                      when: datetime.datetime) -> PutResult:
         # Another writer published this id after our row lookup, or a crash left bytes
         # without their row. Identical bytes are the idempotent case, anything else a conflict.
-        hasher = new_hasher(hashtype)
+        hasher = new_hasher(SHA256)
         try:
             with self.storage.open_read(file_id) as handle:
                 stored = _copy(file_id, handle, None, [hasher], None)
         except FileNotFoundError:
             raise Conflict(f"file {file_id} changed while it was being written; try again",
                            code="file_exists") from None
-        if stored != total or hasher.hexdigest() != digest:
+        if stored != total or hasher.hexdigest() != sha256:
             raise _exists(file_id)
         # Heals a file left without its row; a no-op when the other writer's row is there
         # (and its own insert ignores ours).
         with database.atomic():
-            _insert_ignore(file_id, total, hashtype, digest, when)
+            _insert_ignore(file_id, total, hashtype, digest, sha256, when)
         return PutResult(False, total)
+
+    def adopt(self, file_id: int, size: int, mtime: datetime.datetime | float,
+              md5: str | None = None, source_sha256: Callable[[], str] | None = None) -> FileInfo:
+        """Record bytes a backend already placed under ``file_id`` (a server-side copy), after
+        reading them back: the size must be ``size`` and the md5 ``md5`` or, without one, the
+        sha256 ``source_sha256()``. A copy that does not match is deleted (400 ``hash_mismatch``)."""
+        file_id = parse_file_id(file_id)
+        hashers = _hashers("md5")
+        try:
+            with self.storage.open_read(file_id) as handle:
+                total = _copy(file_id, handle, None, hashers.values(), None)
+            sha256 = hashers[SHA256].hexdigest()
+            if total != size:
+                raise BadRequest(f"file {file_id}: the copy has {total} bytes, the source {size}",
+                                 code="hash_mismatch")
+            if md5 is not None:
+                _verify(file_id, _Expected("md5", md5.lower()), hashers["md5"].hexdigest())
+            elif source_sha256 is not None:
+                _verify(file_id, _Expected(SHA256, source_sha256()), sha256)
+            with database.atomic():
+                _insert_ignore(file_id, total, SHA256, sha256, sha256, _utc_naive(mtime))
+        except BaseException:
+            self.storage.delete(file_id)
+            raise
+        return self.stat(file_id)
 
     # -- reading and the rest -------------------------------------------------------
 
@@ -179,13 +209,14 @@ class Archive:
         row = ArchiveFile.get_or_none(ArchiveFile.file_id == file_id)
         if row is None:
             raise NotFound(f"file {file_id} is not in the archive", code="file_not_found")
-        return FileInfo(row.file_id, row.size, row.hashtype, row.hashsum, row.mtime, row.created)
+        return FileInfo(row.file_id, row.size, row.hashtype, row.hashsum, row.mtime, row.created, row.sha256)
 
-    def open(self, file_id: int | str) -> tuple[FileInfo, BinaryIO]:
-        """The record and a seekable stream of the bytes (the caller closes it); 404 when absent."""
+    def open(self, file_id: int | str, start: int = 0, end: int | None = None) -> tuple[FileInfo, BinaryIO]:
+        """The record and a stream of bytes ``start``..``end`` inclusive (the caller closes it;
+        it need not be seekable); 404 when absent."""
         info = self.stat(file_id)
         try:
-            return info, self.storage.open_read(info.file_id)
+            return info, self.storage.open_read(info.file_id, start, end)
         except FileNotFoundError:
             logger.error("file %d has a record but no bytes in storage", info.file_id)
             raise NotFound(f"file {info.file_id} is not in the archive", code="file_not_found") from None
@@ -271,9 +302,19 @@ def _exists(file_id: int) -> Conflict:
     return Conflict(f"file {file_id} is already archived with different content", code="file_exists")
 
 
-def _insert_ignore(file_id: int, size: int, hashtype: str, hashsum: str, mtime: datetime.datetime) -> None:
+def _hashers(*hashtypes: str) -> dict:
+    """One hasher per named type, and sha256 always (one object when a type repeats)."""
+    hashers = {}
+    for name in (*hashtypes, SHA256):
+        hashers.setdefault(name, new_hasher(name))
+    return hashers
+
+
+def _insert_ignore(file_id: int, size: int, hashtype: str, hashsum: str, sha256: str,
+                   mtime: datetime.datetime) -> None:
     (ArchiveFile
-     .insert(file_id=file_id, size=size, hashtype=hashtype, hashsum=hashsum, mtime=mtime, created=utcnow())
+     .insert(file_id=file_id, size=size, hashtype=hashtype, hashsum=hashsum, sha256=sha256, mtime=mtime,
+             created=utcnow())
      .on_conflict(action="NOTHING", conflict_target=[ArchiveFile.file_id])
      .execute())
 

@@ -3,23 +3,34 @@
 A writer gets an ``Upload``, writes into it, then either ``commit()``s (the file
 appears under its id atomically, and only if no file is there yet) or ``abort()``s
 (nothing appears). The archive's domain code hashes and verifies between the two,
-so a file that fails verification is never visible. The S3 backend (multipart
-upload, conditional complete) fits behind the same interface.
+so a file that fails verification is never visible. The S3 backend
+(``archive_service.s3``: multipart upload, conditional complete) sits behind the
+same interface; both pass one contract test-suite.
+
+Backends speak the archive's vocabulary only: a missing file is ``FileNotFoundError``,
+a lost write-once race ``AlreadyExists``, a backend that cannot be reached
+``StorageUnavailable``. No caller knows which backend it talks to.
 """
 from __future__ import annotations
 
 import abc
+import io
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from common.settings import Settings, SettingsError
+from common.errors import ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("posix",)
+
+class StorageUnavailable(ServiceUnavailable):
+    """The backend cannot be used right now (endpoint unreachable, access denied, no bucket)."""
+
+    code = "storage_unavailable"
 
 
 class AlreadyExists(Exception):
@@ -66,13 +77,20 @@ class Upload(abc.ABC):
 class Storage(abc.ABC):
     """File bytes by integer id, write-once."""
 
+    # What HEAD reports as X-Pacifica-File-Storage-Media.
+    media = "disk"
+
+    def prepare(self, create: bool = False) -> None:
+        """Check the backend can be used before serving; ``StorageUnavailable`` says why not."""
+
     @abc.abstractmethod
     def begin_write(self, file_id: int) -> Upload:
         """Start writing the file for ``file_id``."""
 
     @abc.abstractmethod
-    def open_read(self, file_id: int) -> BinaryIO:
-        """A seekable binary stream of the stored bytes; ``FileNotFoundError`` when absent."""
+    def open_read(self, file_id: int, start: int = 0, end: int | None = None) -> BinaryIO:
+        """A readable (not necessarily seekable) stream of bytes ``start``..``end`` inclusive
+        (``end`` None: to the end); ``FileNotFoundError`` when absent."""
 
     @abc.abstractmethod
     def stat(self, file_id: int) -> StoredStat | None:
@@ -81,6 +99,16 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def delete(self, file_id: int) -> bool:
         """Remove the stored file; False when there was none."""
+
+    def presigned_url(self, file_id: int, expires_seconds: int, filename: str | None = None) -> str | None:
+        """A URL that serves the file without labvault for ``expires_seconds``; None when the
+        backend has no such thing (POSIX: labvault serves the bytes itself)."""
+        check_id(file_id)
+        return None
+
+    def sweep_uploads(self, older_than_seconds: float) -> int:
+        """Discard unfinished writes older than this (a crashed writer's leftovers); returns how many."""
+        return 0
 
 
 def check_id(file_id: int) -> int:
@@ -169,8 +197,13 @@ class PosixStorage(Storage):
         self.incoming.mkdir(parents=True, exist_ok=True)
         return PosixUpload(self, file_id)
 
-    def open_read(self, file_id: int) -> BinaryIO:
-        return open(self.path_for(file_id), "rb")
+    def open_read(self, file_id: int, start: int = 0, end: int | None = None) -> BinaryIO:
+        handle = open(self.path_for(file_id), "rb")
+        if start:
+            handle.seek(start)
+        if end is None:
+            return handle
+        return LimitedReader(handle, max(0, end - start + 1))
 
     def stat(self, file_id: int) -> StoredStat | None:
         try:
@@ -186,6 +219,51 @@ class PosixStorage(Storage):
             return False
         return True
 
+    def sweep_uploads(self, older_than_seconds: float) -> int:
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        try:
+            entries = list(os.scandir(self.incoming))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass  # its writer finished or aborted meanwhile
+        return removed
+
+
+class LimitedReader(io.RawIOBase):
+    """At most ``length`` bytes of ``raw``; closing it closes ``raw``."""
+
+    def __init__(self, raw: BinaryIO, length: int):
+        self._raw = raw
+        self._left = length
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        size = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._raw.read(size)
+        self._left -= len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
 
 def _fsync_dir(path: Path) -> None:
     # The new directory entry is only durable once the directory itself is synced.
@@ -200,11 +278,3 @@ def _fsync_dir(path: Path) -> None:
         logger.debug("syncing %s failed", path, exc_info=True)
     finally:
         os.close(fd)
-
-
-def make_storage(settings: Settings) -> Storage:
-    """The backend named by ``[archive] backend``; ``SettingsError`` for an unknown one."""
-    backend = settings.get("archive", "backend", "posix").strip().lower()
-    if backend == "posix":
-        return PosixStorage(settings.path("archive", "root"))
-    raise SettingsError(f"[archive] backend must be one of {', '.join(BACKENDS)}, not {backend!r}")

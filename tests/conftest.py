@@ -28,6 +28,25 @@ def stack(request, tmp_path_factory):
         yield running
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A SeaweedFS S3 server for the session (skipped without ``weed``; failed under CI=true)."""
+    from tests.servers import require_s3, seaweedfs
+    require_s3()
+    with seaweedfs() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch):
+    """A fresh bucket name (not yet created), with the endpoint's credentials in the environment
+    for boto3's usual chain."""
+    import uuid
+    for name, value in s3_endpoint.environ().items():
+        monkeypatch.setenv(name, value)
+    return f"labvault-{uuid.uuid4().hex[:12]}"
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """One line at the end: which groups of tests were skipped, and why (a missing server or
     package), so a run that tested less than the machine could is never silent about it."""

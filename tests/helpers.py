@@ -116,10 +116,12 @@ def payload_bundle(payload: dict[str, bytes], submitter=10, project="1234a", ins
                     + [(f"data/{path}", raw) for path, raw in payload.items()])
 
 
-def env_for(settings: Settings) -> dict[str, str]:
-    """Environment for a child process that must see exactly ``settings``."""
+def env_for(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a child process that must see exactly ``settings`` (plus ``extra``,
+    e.g. the S3 credentials boto3 finds in the environment)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABVAULT_")}
     env.update(settings.as_environ())
+    env.update(extra or {})
     return env
 
 
@@ -140,6 +142,8 @@ class StackBase:
         for section, values in list(ports.items()) + list(sections.items()):
             merged.setdefault(section, {}).update(values)
         self.settings = make_settings(self.data_dir, **merged)
+        # Variables every child gets beyond the settings (S3 credentials for boto3's chain).
+        self.environ: dict[str, str] = {}
 
     def url(self, service: str) -> str:
         return self.settings.service_url(service)
@@ -148,7 +152,7 @@ class StackBase:
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run ``labvault ARGS`` against this stack (``env``: extra variables, e.g. a setting)."""
         result = subprocess.run([sys.executable, "-m", "common.cli", *args],
-                                env={**env_for(self.settings), **(env or {})},
+                                env={**env_for(self.settings, self.environ), **(env or {})},
                                 capture_output=True, text=True, timeout=timeout, cwd=self.data_dir)
         if check and result.returncode != 0:
             raise AssertionError(f"labvault {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
@@ -190,7 +194,8 @@ class Stack(StackBase):
         # A second start in the same directory appends: look only at what this one says.
         seen = log_path.stat().st_size if log_path.exists() else 0
         self.log = open(log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "common.cli", "up"], env=env_for(self.settings),
+        self.process = subprocess.Popen([sys.executable, "-m", "common.cli", "up"],
+                                        env=env_for(self.settings, self.environ),
                                         stdout=self.log, stderr=subprocess.STDOUT, cwd=self.data_dir)
         wait_for(lambda: b"labvault: up" in log_path.read_bytes()[seen:] or self._died(),
                  timeout=timeout, message="labvault up")

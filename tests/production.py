@@ -146,7 +146,7 @@ class ProductionStack(StackBase):
             # start_new_session: a process group per process, so a stop (or a test's
             # SIGKILL) reaches uWSGI's workers and Celery's pool too, and Ctrl-C on
             # pytest does not.
-            return subprocess.Popen(command, env=env_for(self.settings), cwd=self.data_dir, stdout=log,
+            return subprocess.Popen(command, env=env_for(self.settings, self.environ), cwd=self.data_dir, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _wait_until_up(self, timeout: float) -> None:

@@ -259,11 +259,11 @@ def test_two_processes_putting_one_id_at_once(archive, archive_db, same_bytes):
 def test_sizes_above_two_gib_and_long_digests(archive):
     # The metadata seed has a 3 GiB file; a 32-bit column would overflow on PostgreSQL.
     big = 3 * 2 ** 30
-    archive_module._insert_ignore(35, big, "sha512", "f" * 128, datetime.datetime(2016, 11, 12, 21, 38, 21))
+    archive_module._insert_ignore(35, big, "sha512", "f" * 128, "e" * 64, datetime.datetime(2016, 11, 12, 21, 38, 21))
     info = archive.stat(35)
     assert (info.size, info.hashtype, len(info.hashsum)) == (big, "sha512", 128)
     assert info.mtime == datetime.datetime(2016, 11, 12, 21, 38, 21)
-    archive_module._insert_ignore(35, 1, "sha1", "0" * 40, datetime.datetime(2020, 1, 1))  # ignored: write-once
+    archive_module._insert_ignore(35, 1, "sha1", "0" * 40, "0" * 64, datetime.datetime(2020, 1, 1))  # ignored: write-once
     assert archive.stat(35).size == big
     archive.put(2 ** 63 - 1, io.BytesIO(b"largest id"))
     assert archive.stat(str(2 ** 63 - 1)).size == 10

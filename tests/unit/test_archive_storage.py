@@ -1,18 +1,15 @@
-"""PosixStorage: staged writes, atomic write-once publish, sharded paths, nothing left on abort."""
+"""PosixStorage's own layout and the backend choice; the behaviour every backend shares is in
+tests/integration/test_storage_contract.py."""
 from __future__ import annotations
 
-import threading
+import sys
 
 import pytest
 
-from archive_service.storage import (
-    AlreadyExists,
-    PosixStorage,
-    StoredStat,
-    make_storage,
-)
+from archive_service.backends import make_storage
+from archive_service.storage import PosixStorage, StoredStat
 from common.settings import SettingsError
-from tests.helpers import make_settings
+from tests.helpers import REPO, make_settings
 
 
 def files_under(root):
@@ -43,83 +40,11 @@ def test_commit_publishes_under_a_sharded_path(storage):
     assert isinstance(stat, StoredStat) and stat.size == 11 and stat.mtime > 0
 
 
-def test_open_read_is_seekable(storage):
+def test_ranged_read_of_a_posix_file_stops_at_the_end_of_the_range(storage):
     store(storage, 5, b"0123456789")
-    with storage.open_read(5) as handle:
-        handle.seek(4)
-        assert handle.read(3) == b"456"
-        assert handle.seekable()
-
-
-def test_missing_file(storage):
-    assert storage.stat(9) is None
-    assert storage.delete(9) is False
-    with pytest.raises(FileNotFoundError):
-        storage.open_read(9)
-
-
-def test_delete(storage):
-    store(storage, 3, b"x")
-    assert storage.delete(3) is True
-    assert storage.stat(3) is None
-    assert files_under(storage.root) == []
-
-
-def test_commit_refuses_an_existing_file_and_leaves_it_alone(storage):
-    store(storage, 7, b"first")
-    upload = storage.begin_write(7)
-    upload.write(b"second")
-    with pytest.raises(AlreadyExists):
-        upload.commit()
-    assert storage.open_read(7).read() == b"first"
-    assert files_under(storage.root) == ["07/7"]
-
-
-def test_abort_and_leaving_uncommitted_leave_nothing(storage):
-    upload = storage.begin_write(1)
-    upload.write(b"data")
-    upload.abort()
-    upload.abort()  # idempotent
-    with storage.begin_write(2) as upload:
-        upload.write(b"data")
-    with pytest.raises(RuntimeError):
-        with storage.begin_write(3) as upload:
-            upload.write(b"data")
-            raise RuntimeError("caller failed")
-    assert files_under(storage.root) == []
-
-
-def test_concurrent_writers_of_one_id_exactly_one_wins(storage):
-    barrier = threading.Barrier(8)
-    outcomes = {}
-
-    def write(n):
-        upload = storage.begin_write(42)
-        upload.write(f"writer {n}".encode())
-        barrier.wait()
-        try:
-            upload.commit()
-            outcomes[n] = "won"
-        except AlreadyExists:
-            outcomes[n] = "lost"
-
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    winners = [n for n, outcome in outcomes.items() if outcome == "won"]
-    assert len(winners) == 1
-    assert storage.open_read(42).read() == f"writer {winners[0]}".encode()
-    assert files_under(storage.root) == [f"{42:02x}/42"]
-
-
-@pytest.mark.parametrize("bad", [-1, "1", 1.0, True, None])
-def test_ids_must_be_non_negative_ints(storage, bad):
-    with pytest.raises(ValueError):
-        storage.begin_write(bad)
-    with pytest.raises(ValueError):
-        storage.stat(bad)
+    with storage.open_read(5, 4, 6) as handle:
+        assert handle.read() == b"456"
+        assert handle.read(10) == b""
 
 
 def test_make_storage(tmp_path):
@@ -129,3 +54,27 @@ def test_make_storage(tmp_path):
     assert default.root == tmp_path / "archive"
     with pytest.raises(SettingsError):
         make_storage(make_settings(tmp_path, archive={"backend": "tape"}))
+
+
+def test_s3_backend_is_chosen_by_settings_and_connects_to_nothing(tmp_path):
+    pytest.importorskip("boto3")
+    from archive_service.s3 import S3Storage
+    settings = make_settings(tmp_path, archive={"backend": "s3", "bucket": "labvault-files", "prefix": "/lv/",
+                                                "endpoint_url": "http://127.0.0.1:1", "region": "eu-west-1",
+                                                "addressing_style": "path"})
+    storage = make_storage(settings)
+    assert isinstance(storage, S3Storage) and storage.media == "s3"
+    assert storage.key_for(12) == "lv/12"
+    for bad in ({"bucket": ""}, {"bucket": "ab"}, {"bucket": "abc", "addressing_style": "sideways"},
+                {"bucket": "abc", "part_size": "1024"}):
+        with pytest.raises(SettingsError):
+            make_storage(make_settings(tmp_path, archive={"backend": "s3", **bad}))
+
+
+def test_boto3_stays_off_a_posix_start(tmp_path):
+    import subprocess
+    code = ("import sys; from archive_service.backends import make_storage; from tests.helpers import make_settings; "
+            f"make_storage(make_settings(__import__('pathlib').Path({str(tmp_path)!r}))); "
+            "import archive_service.app; print('boto3' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.stdout.strip() == "False", result.stderr

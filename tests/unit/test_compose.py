@@ -35,7 +35,8 @@ def uwsgi_ini(name: str) -> configparser.ConfigParser:
 
 
 def test_the_production_stack_is_all_there():
-    expected = {"rabbitmq", "postgres", "s3", "migrate", *LABVAULT_SERVICES, "ingest-worker", "stats-worker", "beat"}
+    expected = {"rabbitmq", "postgres", "s3", "migrate", *LABVAULT_SERVICES, "ingest-worker", "archive-worker",
+                "stats-worker", "beat"}
     assert expected <= set(SERVICES)
 
 
@@ -131,3 +132,17 @@ def test_the_bundle_maximum_is_one_setting():
     assert not uwsgi_ini("ingest").has_option("uwsgi", "limit-post")
     assert SERVICES["ingest"]["environment"]["LABVAULT_INGEST_MAX_BUNDLE_BYTES"] == \
         DEFAULTS.get("ingest", "max_bundle_bytes")
+
+
+def test_the_archive_lives_on_the_s3_service_and_a_worker_serves_its_queue():
+    environment = SERVICES["archive"]["environment"]
+    assert environment["LABVAULT_ARCHIVE_BACKEND"] == "s3"
+    assert len(environment["LABVAULT_ARCHIVE_BUCKET"]) >= 3
+    host, port = re.match(r"http://([^:/]+):(\d+)", environment["LABVAULT_ARCHIVE_ENDPOINT_URL"]).groups()
+    assert host == "s3" and f"-s3.port={port}" in command_of(SERVICES["s3"])
+    assert "s3" in SERVICES["archive"]["depends_on"]
+    # boto3 finds the keys in its usual environment variables, never in the INI file.
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(environment)
+    queues = [command_of(service)[command_of(service).index("--queues") + 1].split(",")
+              for service in SERVICES.values() if command_of(service)[:2] == ["labvault", "worker"]]
+    assert any("archive" in names for names in queues)
