@@ -6,4 +6,5 @@ SERVICE = Service(
     app="archive_service.app:build_app",
     models="archive_service.models",
     queue="archive",
+    openapi="archive_service.openapi:describe",
 )

@@ -21,7 +21,8 @@ from archive_service.storage import make_storage
 from common import migrations
 from common.errors import BadRequest, LengthRequired
 from common.settings import Settings
-from common.web import HealthMixin, drain, json_body, make_application, read_json
+from archive_service import openapi
+from common.web import HealthMixin, OpenApiDocument, drain, json_body, make_application, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class ArchiveRoot(HealthMixin):
     service_title = "Archive"
 
     def __init__(self, archive: Archive):
+        self.openapi_json = OpenApiDocument(openapi.describe)
         self.archive = archive
 
     # noqa below: the verbs are CherryPy MethodDispatcher method names.

@@ -178,6 +178,10 @@ class ArchiveClient(ServiceClient):
                 return False
             raise
 
+    def fixity_summary(self) -> dict:
+        """The archive's fixity summary (``GET /fixity/summary``); 404 when it keeps none."""
+        return self.request("GET", "/fixity/summary", retries=0).json()
+
 
 class IngestIdentityClient(ServiceClient):
     """The ingest service's internal question: whose API token is this (by its SHA-256)?"""
