@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import REPO, payload_bundle, wait_for
+from tests.helpers import REPO, new_project, payload_bundle, wait_for
 from tests.servers import need
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -105,21 +105,23 @@ def test_jobs_appear_and_finish_live_and_failures_show_their_code(stack, browser
 
 
 def test_projects_downloads_fixity_and_api_views(stack, browser, shots):
-    job = stack.ingest(payload_bundle({"tables/cells.csv": b"cell,count\na,1\nb,2\nc,3\n"}))
+    project = new_project(stack, "dash")
+    job = stack.ingest(payload_bundle({"tables/cells.csv": b"cell,count\na,1\nb,2\nc,3\n"}, project=project,
+                                      keys={"sample": "s1"}))
     assert job["state"] == "OK", job
-    wait_for(lambda: [f for f in requests.get(stack.url("stats") + "/computed_files", params={"project": "1234a"},
+    wait_for(lambda: [f for f in requests.get(stack.url("stats") + "/computed_files", params={"project": project},
                                               timeout=10).json() if f.get("sha256")],
              timeout=120, interval=0.5, message="the project's computed files")
     base = stack.url("ingest") + "/dashboard/"
 
     browser.get(base + "#projects")
-    type_into(browser, "#project-id", "1234a")
+    type_into(browser, "#project-id", project)
     click(browser, "#project-form button")
     text(browser, "#project-numbers", message="the project's numbers")
     shots(browser, "projects")
 
     browser.get(base + "#files")
-    type_into(browser, "#files-project", "1234a")
+    type_into(browser, "#files-project", project)
     click(browser, "#files-form button")
     click(browser, "#computed-files button.download", message="a download button")
     type_into(browser, "#download-email", "me@example.org")
