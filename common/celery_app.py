@@ -114,6 +114,8 @@ def celery_config(settings: Settings) -> dict:
         folder = settings.path("celery", "broker_dir")
         for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
+        # kombu's filesystem transport, writing each message whole before a consumer can see it.
+        config["broker_transport"] = "common.broker:Transport"
         config["broker_transport_options"] = {
             # One folder carries every queue: producers write where consumers read.
             "data_folder_in": str(folder / "out"),

@@ -140,7 +140,8 @@ class Supervisor:
         """Empty the filesystem broker's queue: the reaper enqueues again what still has to run."""
         folder = broker_folder(self.settings)
         if folder:
-            for message in (folder / "out").glob("*.msg"):
+            # Whole messages, and any a writer left half-written when it died (common.broker).
+            for message in [*(folder / "out").glob("*.msg"), *(folder / "out").glob("*.msg.part")]:
                 message.unlink(missing_ok=True)
 
     def start(self, name: str, command: list[str]) -> None:

@@ -137,8 +137,8 @@ def _project_document(project: str, row: ProjectStats | None, skipped: str | Non
     document = json.loads(row.summary)
     if row.state != models.OK:
         document["state"] = row.state  # a rebuild under way (or failed): the last summary is still here
-        if row.error:
-            document["error"] = row.error
+    if row.error:
+        document["error"] = row.error
     return document
 
 

@@ -122,7 +122,7 @@ class Catalog:
             transaction = transactions.get(record.transaction, {})
             merged = {**by_transaction.get(record.transaction, {}), **by_file.get(record.file_id, {})}
             described.append({"record": record, "submitter": transaction.get("submitter"),
-                              "instrument": transaction.get("instrument"),
+                              "instrument": transaction.get("instrument"), "created": transaction.get("created"),
                               "keys": {key: sorted(vals) if len(vals) > 1 else vals[0]
                                        for key, vals in sorted(merged.items())}})
         return described

@@ -61,6 +61,11 @@ def register(engine, kind: str, run: Run) -> ComputedFile:
     result = json.loads(run.result) if run.result else {}
     samples = inputs.get("samples")
     sample = ",".join(sorted(samples)) if samples else inputs.get("sample", "")
+    where = ((ComputedFile.project == inputs["project"]) & (ComputedFile.sample == sample)
+             & (ComputedFile.kind == kind))
+    current = ComputedFile.get_or_none(where)
+    if current is not None and current.run == run.run_id:
+        return current  # a cache hit: the same build, nothing to change
     values: dict[str, Any] = {"run": run.run_id, "filename": result.get("filename", ""), "updated": utcnow(),
                               "output": None, "size": None, "sha256": None, "skipped_code": None,
                               "skipped_reason": None}
@@ -73,16 +78,17 @@ def register(engine, kind: str, run: Run) -> ComputedFile:
     (ComputedFile.insert(project=inputs["project"], sample=sample, kind=kind, **values)
      .on_conflict(conflict_target=[ComputedFile.project, ComputedFile.sample, ComputedFile.kind], update=values)
      .execute())
-    return ComputedFile.get((ComputedFile.project == inputs["project"]) & (ComputedFile.sample == sample)
-                            & (ComputedFile.kind == kind))
+    return ComputedFile.get(where)
 
 
 def document(row: ComputedFile) -> dict[str, Any]:
     """A computed file as the listing shows it (never with a URL)."""
     run = Run.get_or_none(Run.run_id == row.run) if row.run else None
+    built = run.finished if run is not None and run.finished else row.updated
     entry: dict[str, Any] = {"id": row.id, "project": row.project, "sample": row.sample or None, "kind": row.kind,
                              "filename": row.filename, "size": row.size, "sha256": row.sha256,
-                             "created": f"{row.updated:%Y-%m-%d %H:%M:%S}",
+                             # When these bytes were built (a cache hit builds nothing).
+                             "created": f"{built:%Y-%m-%d %H:%M:%S}",
                              "inputs": json.loads(run.input_digests) if run is not None else {}}
     if row.skipped_code:
         entry["skipped"] = {"code": row.skipped_code, "message": row.skipped_reason}

@@ -101,18 +101,31 @@ def _build(engine: Engine, project: str, force: bool) -> str:
         if any(entry["state"] == OK for entry in entries):
             figures_run = engine.obtain(PROJECT_OPERATION, {"project": project}, force)
         summary = _summary(engine, project, files, entries, figures_run)
-        # The downloads come after the statistics: a project's computed files are as current as they.
-        computed.build_all(engine, project, force)
-    except LabvaultError as error:
-        # The metadata or archive service away: the next refresh tries again.
-        ProjectStats.update(state=FAILED, error=error.as_exception_text()).where(
-            ProjectStats.project == project).execute()
+    except Exception as error:
+        # The metadata or archive service away, or worse: the next refresh tries again.
+        ProjectStats.update(state=FAILED, error=_as_text(error)).where(ProjectStats.project == project).execute()
         raise
-    ProjectStats.update(state=OK, summary=canonical(summary), inputs_digest=digest, built=utcnow(), error=None,
+    # The statistics are served from here on, whatever happens to the downloads.
+    ProjectStats.update(state=OK, summary=canonical(summary), built=utcnow(), error=None,
                         figures_run=figures_run.run_id if figures_run else None).where(
         ProjectStats.project == project).execute()
-    logger.info("project %s: statistics built from %d file(s)", project, len(files))
+    try:
+        computed.build_all(engine, project, force)
+    except Exception as error:
+        # The inputs digest stays the old one, so the next refresh builds the downloads again
+        # (the statistics are cache hits by then).
+        ProjectStats.update(error=f"computed files: {_as_text(error)}").where(ProjectStats.project == project).execute()
+        raise
+    ProjectStats.update(inputs_digest=digest).where(ProjectStats.project == project).execute()
+    logger.info("project %s: statistics and computed files built from %d file(s)", project, len(files))
     return BUILT
+
+
+def _as_text(error: Exception) -> str:
+    if isinstance(error, LabvaultError):
+        return error.as_exception_text()
+    logger.exception("project build failed")
+    return "internal_error: the build failed unexpectedly; the worker log has the details"
 
 
 def _file_entry(engine: Engine, record: FileRecord, force: bool) -> dict[str, Any]:

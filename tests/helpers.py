@@ -147,7 +147,8 @@ class StackBase:
     def cli(self, *args: str, check: bool = True, timeout: float = 120,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run ``labvault ARGS`` against this stack (``env``: extra variables, e.g. a setting)."""
-        result = subprocess.run([sys.executable, "-m", "common.cli", *args], env={**env_for(self.settings), **(env or {})},
+        result = subprocess.run([sys.executable, "-m", "common.cli", *args],
+                                env={**env_for(self.settings), **(env or {})},
                                 capture_output=True, text=True, timeout=timeout, cwd=self.data_dir)
         if check and result.returncode != 0:
             raise AssertionError(f"labvault {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")

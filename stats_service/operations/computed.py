@@ -72,11 +72,18 @@ class _Package(Operation):
         return {"metadata": hashlib.sha256(metadata.encode()).hexdigest(), "template": packages.TEMPLATE_VERSION,
                 "sample_key": self.sample_key()}
 
+    readme_kind: ClassVar[str] = ""
+
     def readme_context(self, context, described: list[dict], sample: str | None) -> dict:
+        from stats_service import packages
         project = context.catalog.project(context.inputs["project"]) or {}
-        return {"project": context.inputs["project"], "title": project.get("title") or "",
-                "abstract": project.get("abstract") or "", "kind": self.kind, "sample": sample or "",
-                "files": len(described), "bytes": sum(entry["record"].size for entry in described)}
+        # The newest transaction's day, not today: the same inputs must give the same bytes.
+        built = max((str(entry.get("created") or "")[:10] for entry in described), default="")
+        return {"project_id": context.inputs["project"], "project_title": project.get("title") or "",
+                "project_abstract": project.get("abstract") or "", "kind": self.readme_kind or packages.KIND_PROJECT,
+                "sample": sample or "", "file_count": len(described) if self.with_data else 0,
+                "total_size": sum(entry["record"].size for entry in described) if self.with_data else 0,
+                "build_date": built}
 
     def filename(self, inputs: dict) -> str:
         raise NotImplementedError
@@ -112,6 +119,7 @@ class _DataZip(_Package):
 class ProjectZip(_DataZip):
     name = PROJECT_ZIP
     kind = PROJECT_ZIP
+    readme_kind = "project"
     description = ("A project's data as one zip: its files laid out <sample>/<subdir>/<name>, metadata.tsv, "
                    "README.md and MANIFEST.sha256.")
     input_schema = {"type": "object", "properties": {"project": _PROJECT}, "required": ["project"],
@@ -124,6 +132,7 @@ class ProjectZip(_DataZip):
 class SampleZip(_DataZip):
     name = SAMPLE_ZIP
     kind = SAMPLE_ZIP
+    readme_kind = "sample"
     description = "One sample's data as a zip, laid out and described like the project's."
     input_schema = {"type": "object", "properties": {"project": _PROJECT, "sample": _SAMPLE},
                     "required": ["project", "sample"], "additionalProperties": False}
@@ -135,6 +144,7 @@ class SampleZip(_DataZip):
 class MetadataZip(_DataZip):
     name = METADATA_ZIP
     kind = METADATA_ZIP
+    readme_kind = "metadata"
     with_data = False
     description = "A project's metadata only: metadata.tsv (one row per file) and README.md."
     input_schema = ProjectZip.input_schema

@@ -46,11 +46,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="labvault-bench-") as scratch:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LABVAULT_")}
-        env.update(LABVAULT_DATA_DIR=scratch, LABVAULT_INGEST_PORT=str(port))
+        # The ini takes its address from the settings' variables: loopback, this port, nothing else.
+        env.update(LABVAULT_DATA_DIR=scratch, LABVAULT_INGEST_HOST="127.0.0.1", LABVAULT_INGEST_PORT=str(port))
         if args.database:
             env["LABVAULT_INGEST_DATABASE"] = args.database
         prepare(env)
-        server = subprocess.Popen([uwsgi, "--ini", "config/uwsgi/ingest.ini", "--http-socket", f"127.0.0.1:{port}"],
+        server = subprocess.Popen([uwsgi, "--ini", "config/uwsgi/ingest.ini"],
                                   cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
         try:

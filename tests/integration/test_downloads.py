@@ -45,7 +45,7 @@ def download(stack, computed_id, key) -> bytes:
 @pytest.fixture(scope="module")
 def project(stack):
     name = new_project(stack, "dl")
-    (a, _), (b, _) = h5ad_bytes(seed=11, n_cells=50), h5ad_bytes(seed=12, n_cells=70, raw=True)
+    (a, _), (b, _) = h5ad_bytes(seed=11, n_cells=50, raw=True), h5ad_bytes(seed=12, n_cells=70, raw=True)
     for payload, sample in (({"cells/a.h5ad": a, "tables/a.csv": CSV_A}, "s1"),
                             ({"cells/b.h5ad": b, "tables/b.csv": CSV_B}, "s2")):
         final = stack.ingest(payload_bundle(payload, project=name, keys={"sample": sample, "tissue": "liver"}))
@@ -97,9 +97,9 @@ def test_building_again_changes_nothing_and_a_new_bundle_rebuilds_only_its_sampl
         {k: (v["sha256"], v["inputs"]) for k, v in before.items()}
     final = stack.ingest(payload_bundle({"tables/c.csv": b"x,y\n7,8\n"}, project=project, keys={"sample": "s1"}))
     assert final["state"] == "OK"
-    after = wait_for(lambda: (lambda c: c if c[("project_zip", None)]["sha256"] != before[("project_zip", None)]["sha256"]
-                              else None)(computed(stack, project, 5)), timeout=120, message="the rebuild")
-    assert after[("sample_zip", "s1")]["sha256"] != before[("sample_zip", "s1")]["sha256"]
+    changed = (("project_zip", None), ("metadata_zip", None), ("sample_zip", "s1"))
+    after = wait_for(lambda: (lambda c: c if all(c[k]["sha256"] != before[k]["sha256"] for k in changed) else None)(
+        computed(stack, project, 5)), timeout=120, message="the project's and sample s1's zips rebuilt")
     assert after[("sample_zip", "s2")] == before[("sample_zip", "s2")]
     assert after[("merged_anndata", None)]["sha256"] == before[("merged_anndata", None)]["sha256"]
 

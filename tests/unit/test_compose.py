@@ -69,9 +69,20 @@ def test_service_commands_run_real_uwsgi_configs_on_the_configured_port(name):
     module = ini.get("uwsgi", "module").split(":")[0]
     assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
     port = DEFAULTS.getint(name, "port")
-    socket_option = next(key for key in ini["uwsgi"] if key.startswith("http") and "socket" in key)
-    assert ini.get("uwsgi", socket_option).rsplit(":", 1)[1] == str(port)
-    assert SERVICES[name]["ports"] == [f"{port}:{port}"]
+    text = ini_path.read_text()
+    # The address comes from the settings' variables, with the settings' defaults: loopback.
+    assert "http-socket = %(listen_host):%(listen_port)" in text
+    assert re.search(rf"if-env = LABVAULT_{name.upper()}_PORT\nset-placeholder = listen_port=%\(_\)", text)
+    assert re.search(rf"if-not-env = LABVAULT_{name.upper()}_PORT\nset-placeholder = listen_port={port}\n", text)
+    assert re.search(rf"if-not-env = LABVAULT_{name.upper()}_HOST\nset-placeholder = listen_host=127.0.0.1\n", text)
+    published = [f"{port}:{port}"] if name == "ingest" else [f"127.0.0.1:{port}:{port}"]
+    assert SERVICES[name]["ports"] == published
+
+
+def test_a_stack_reachable_by_others_authenticates():
+    environment = SERVICES["ingest"]["environment"]
+    assert environment["LABVAULT_AUTH_MODE"] in ("token", "proxy")
+    assert environment["LABVAULT_AUTH_SERVICE_TOKEN"].startswith("${LABVAULT_SERVICE_TOKEN:?")
 
 
 def test_labvault_commands_are_real_subcommands():
