@@ -137,7 +137,7 @@ def test_projects_downloads_fixity_and_api_views(stack, browser, shots):
     shots(browser, "archive")
 
     browser.get(base + "#api")
-    click(browser, "#api-list a")
+    click(browser, '#api-list a[href="api.html?service=ingest"]')
     text(browser, ".route", message="the API's routes")
     assert "/jobs" in text(browser, "#routes")
     shots(browser, "api")
