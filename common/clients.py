@@ -213,3 +213,7 @@ class IngestClient(ServiceClient):
 
     def get_state(self, job_id: int) -> dict:
         return self.request("GET", f"/get_state/{quote(str(job_id))}").json()
+
+    def jobs(self, **params) -> dict:
+        """A page of ``GET /jobs`` (``state``, ``submitter``, ``project``, ``limit``, ``offset``)."""
+        return self.request("GET", "/jobs", params={k: v for k, v in params.items() if v is not None}).json()
