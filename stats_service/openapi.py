@@ -25,11 +25,12 @@ def describe() -> dict:
         "/operations/runs/{run_id}": {"get": oa.operation("a run", parameters=[oa.path("run_id", "the run")])},
         "/stats/{project}": {"get": oa.operation("a project's statistics", parameters=[PROJECT])},
         "/stats/{project}/figures": {"get": oa.operation("a project's figures", oa.json_response(
-            "names, sizes, digests"), parameters=[PROJECT])},
+            "names, sizes, digests", {}), parameters=[PROJECT])},
         "/stats/{project}/figures/{name}": {"get": oa.operation("one figure", PNG, parameters=[PROJECT, FIGURE],
                                                                 extra={"304": {"description": "not modified"}})},
         "/stats/files/{file_id}": {"get": oa.operation("a file's statistics", parameters=[FILE_ID])},
-        "/stats/files/{file_id}/figures": {"get": oa.operation("a file's figures", parameters=[FILE_ID])},
+        "/stats/files/{file_id}/figures": {"get": oa.operation("a file's figures", oa.json_response("the figures", {}),
+                                                                parameters=[FILE_ID])},
         "/stats/files/{file_id}/figures/{name}": {"get": oa.operation(
             "one figure of a file", PNG, parameters=[FILE_ID, FIGURE], extra={"304": {"description": "not modified"}})},
         "/tokens": {"post": oa.operation("a new download token (shown once)", status="201",
@@ -39,7 +40,8 @@ def describe() -> dict:
             "get": oa.operation("a token's state", parameters=[oa.path("token", "the token")]),
             "put": oa.operation("accept the terms", parameters=[oa.path("token", "the token")],
                                 body=oa.json_body('{"is_activated": true}'))},
-        "/computed_files": {"get": oa.operation("computed files (no URLs)", parameters=[
+        "/computed_files": {"get": oa.operation("computed files (no URLs)", oa.json_response("the files", oa.ANY_LIST),
+                                                parameters=[
             oa.query("project", "only this project's"),
             oa.query("limit", "1 to 1000", {"type": "integer", "minimum": 1, "maximum": 1000}),
             oa.query("offset", "rows to skip", {"type": "integer", "minimum": 0})])},
