@@ -142,9 +142,8 @@ async function download(id) {
   try {
     const file = await stats(`/computed_files/${id}`, { headers: { "API-KEY": downloadToken() } });
     const cell = $(`#computed-${id} td:last-child`);
-    const link = el("a", { href: file.download_url, class: "download-link", download: "" }, "download ready");
-    cell.replaceChildren(link);
-    link.click();
+    // A link the user follows (a signed URL, valid for a while): the file is an attachment.
+    cell.replaceChildren(el("a", { href: file.download_url, class: "download-link" }, `Download ${file.filename}`));
   } catch (error) { showError(error); }
 }
 

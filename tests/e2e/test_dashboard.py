@@ -127,7 +127,8 @@ def test_projects_downloads_fixity_and_api_views(stack, browser, shots):
     type_into(browser, "#download-email", "me@example.org")
     click(browser, "#download-terms")
     click(browser, "#download-token button")
-    text(browser, "a.download-link", message="a download link")
+    text(browser, "a.download-link, #error:not([hidden])", message="a download link")
+    assert not browser.execute_script("return !document.querySelector('#error').hidden;"), text(browser, "#error")
     href = browser.execute_script("return document.querySelector('a.download-link').href;")
     assert "/download/computed/" in href
     shots(browser, "downloads")
