@@ -8,4 +8,5 @@ SERVICE = Service(
     tasks=("archive_service.tasks",), queue="archive",
     periodic="archive_service.tasks:periodic",
     commands="archive_service.commands:add_commands",
+    openapi="archive_service.openapi:describe",
 )

@@ -25,7 +25,8 @@ from common import migrations
 from common.errors import BadRequest, LabvaultError, LengthRequired, NotFound, code_for_status
 from common.hashing import CHUNK_SIZE
 from common.settings import Settings
-from common.web import HealthMixin, drain, int_param, json_body, make_application, read_json
+from archive_service import openapi
+from common.web import HealthMixin, OpenApiDocument, drain, int_param, json_body, make_application, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class ArchiveRoot(HealthMixin):
     service_title = "Archive"
 
     def __init__(self, archive: Archive):
+        self.openapi_json = OpenApiDocument(openapi.describe)
         self.archive = archive
         self.fixity = FixityProblems()
 

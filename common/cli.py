@@ -90,12 +90,7 @@ def cmd_bundle(args, settings: Settings) -> int:
     root = Path(args.directory)
     if not root.is_dir():
         raise CommandError(f"{root} is not a directory")
-    keys = {}
-    for pair in args.key or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CommandError(f"--key takes KEY=VALUE, not {pair!r}")
-        keys[key] = value
+    keys = _keys(args.key)
     files = bundles.describe_tree(root, args.hashtype)
     document = bundles.build_metadata(id_value(args.submitter), args.project, id_value(args.instrument),
                                       [entry for _, entry in files], keys)
@@ -108,8 +103,39 @@ def cmd_bundle(args, settings: Settings) -> int:
 
 def cmd_ingest(args, settings: Settings) -> int:
     path = Path(args.path)
+    if path.is_dir():
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="labvault-ingest-") as folder:
+            return _upload(args, settings, _bundle_directory(args, path, Path(folder) / "bundle.tar"))
     if not path.is_file():
-        raise CommandError(f"{path} is not a file")
+        raise CommandError(f"{path} is not a file or a directory")
+    return _upload(args, settings, path)
+
+
+def _bundle_directory(args, root: Path, out: Path) -> Path:
+    """Bundle ``root`` (as ``labvault bundle`` does) into ``out``, a temporary file."""
+    missing = [option for option in ("submitter", "project", "instrument") if not getattr(args, option)]
+    if missing:
+        raise CommandError("ingesting a directory needs " + ", ".join(f"--{option}" for option in missing))
+    files = bundles.describe_tree(root, args.hashtype)
+    document = bundles.build_metadata(id_value(args.submitter), args.project, id_value(args.instrument),
+                                      [entry for _, entry in files], _keys(args.key))
+    bundles.write_bundle(out, files, document)
+    print(f"labvault ingest: bundled {len(files)} file(s) of {root}", file=sys.stderr)
+    return out
+
+
+def _keys(pairs) -> dict[str, str]:
+    keys = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--key takes KEY=VALUE, not {pair!r}")
+        keys[key] = value
+    return keys
+
+
+def _upload(args, settings: Settings, path: Path) -> int:
     compression = bundles.compression_of(path)
     if compression:
         raise CommandError(f"{path} is {compression}-compressed; labvault takes an uncompressed tar "
@@ -120,7 +146,7 @@ def cmd_ingest(args, settings: Settings) -> int:
     client = IngestClient(settings, base_url=args.url, token=token)
     print(f"labvault ingest: to {client.base_url}", file=sys.stderr)
     size = path.stat().st_size
-    bar = ProgressBar(size, sys.stderr)
+    bar = ProgressBar(size, sys.stderr, "upload")
 
     def open_body():
         from common.hashing import HashingReader
@@ -149,45 +175,86 @@ def _advice(error: LabvaultError, token: str | None) -> str:
 
 
 def _follow(client: IngestClient, job_id: int, timeout: float) -> int:
+    """Follow a job to its end: on a terminal a bar per step (rate, time left); elsewhere one
+    line per step."""
     deadline = time.monotonic() + timeout
-    last = None
+    step, bar = None, None
     while True:
         state = client.get_state(job_id)
-        shown = (state["state"], state["task"], state["task_percent"])
-        if shown != last:
-            print(f"job {job_id}: {state['state']} {state['task']} {state['task_percent']}%", file=sys.stderr)
-            last = shown
+        if (state["state"], state["task"]) != step:
+            if bar is not None:
+                bar.close()
+            step = (state["state"], state["task"])
+            bar = ProgressBar(100, sys.stderr, f"job {job_id} {state['task']}", unit="%")
+            if not bar.enabled:
+                print(f"job {job_id}: {state['state']} {state['task']} {state['task_percent']}%", file=sys.stderr)
+        bar.show(float(state["task_percent"]))
         if state["complete"]:
+            bar.close()
+            if state["exception"]:
+                print(f"job {job_id}: {state['exception']}", file=sys.stderr)
             print(json.dumps(state))
             return 0 if state["state"] == "OK" else 1
         if time.monotonic() > deadline:
+            bar.close()
             print(json.dumps(state))
             raise CommandError(f"job {job_id} did not finish within {timeout:.0f}s")
-        time.sleep(0.5)
+        time.sleep(0.25)
 
 
 class ProgressBar:
-    """A one-line upload progress bar on a terminal; silent elsewhere."""
+    """A one-line progress bar with rate and time left on a terminal; silent elsewhere."""
 
-    def __init__(self, total: int, stream):
-        self.total, self.done, self.stream = max(total, 1), 0, stream
+    WIDTH = 30
+
+    def __init__(self, total: float, stream, label: str = "upload", unit: str = "MiB"):
+        self.total, self.done, self.stream, self.label, self.unit = max(total, 1), 0.0, stream, label, unit
         self.enabled = stream.isatty()
+        self.started = time.monotonic()
         self._last = -1
 
     def advance(self, count: int) -> None:
-        self.done += count
+        self.show(self.done + count)
+
+    def show(self, done: float) -> None:
+        self.done = done
         percent = int(100 * self.done / self.total)
-        if self.enabled and percent != self._last:
-            self._last = percent
-            filled = percent * 30 // 100
-            self.stream.write(f"\rupload [{'#' * filled}{'.' * (30 - filled)}] {percent:3d}% "
-                              f"{self.done / 1048576:.1f}/{self.total / 1048576:.1f} MiB")
-            self.stream.flush()
+        if not self.enabled or percent == self._last:
+            return
+        self._last = percent
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta = f"{left:4.0f}s left" if left != float("inf") else "   ?s left"
+        filled = min(percent, 100) * self.WIDTH // 100
+        amount = (f"{self.done / 1048576:.1f}/{self.total / 1048576:.1f} MiB {rate / 1048576:.1f} MiB/s"
+                  if self.unit == "MiB" else f"{rate:.1f} %/s")
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {percent:3d}% "
+                          f"{amount} {eta}")
+        self.stream.flush()
 
     def close(self) -> None:
         if self.enabled:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def cmd_status(args, settings: Settings) -> int:
+    from common.status import report
+    found = report(settings)
+    if args.json:
+        print(json.dumps(found))
+        return 0 if found["ok"] else 1
+    for entry in found["services"]:
+        print(f"{entry['name']:<10} {'up' if entry['up'] else 'DOWN':<5} {entry['url']}")
+    broker = found["broker"]
+    print(f"{'broker':<10} {'up' if broker['up'] else 'DOWN':<5} {broker['url']}")
+    for queue, count in broker["queues"].items():
+        print(f"{'queue':<10} {queue:<10} {'?' if count is None else count} waiting")
+    workers = broker["workers"]
+    print(f"{'workers':<10} {workers if isinstance(workers, str) else (', '.join(workers) or 'none')}")
+    print(f"{'auth':<10} {found['auth_mode']}")
+    return 0 if found["ok"] else 1
 
 
 def cmd_up(args, settings: Settings) -> int:
@@ -245,12 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("--instrument", required=True, help="instrument id")
     bundle.add_argument("--key", action="append", metavar="K=V", help="a transaction key/value (repeatable)")
     bundle.add_argument("--hashtype", default=DEFAULT_HASH_TYPE, choices=HASH_TYPES, help="hash of every file")
-    ingest = add("ingest", cmd_ingest, "Upload a bundle to the ingest service, optionally following the job.")
-    ingest.add_argument("path", help="the bundle: an uncompressed tar")
+    ingest = add("ingest", cmd_ingest, "Upload a bundle (or a directory, bundled on the fly) to the ingest "
+                                       "service, optionally following the job.")
+    ingest.add_argument("path", help="the bundle (an uncompressed tar), or a directory to bundle")
+    ingest.add_argument("--submitter", help="a directory's submitting user id")
+    ingest.add_argument("--project", help="a directory's project id")
+    ingest.add_argument("--instrument", help="a directory's instrument id")
+    ingest.add_argument("--key", action="append", metavar="K=V", help="a directory's transaction key/value (repeatable)")
+    ingest.add_argument("--hashtype", default=DEFAULT_HASH_TYPE, choices=HASH_TYPES, help="a directory's file hashes")
     ingest.add_argument("--url", help="ingest service URL (default: from settings)")
     ingest.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 1 if it failed")
     ingest.add_argument("--token", help="API token when the service runs in token mode (default: $LABVAULT_TOKEN)")
     ingest.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits at most")
+    status = add("status", cmd_status, "Each service up or down, the broker, its queues, the workers, the auth mode; "
+                                       "exit 0 only when all are up.")
+    status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     # Each service's own commands (``job``, ``seed``, ...), declared by the service.
     for service in registry.services():
         if service.commands:

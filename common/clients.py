@@ -178,6 +178,10 @@ class ArchiveClient(ServiceClient):
                 return False
             raise
 
+    def fixity_summary(self) -> dict:
+        """The archive's fixity summary (``GET /fixity/summary``); 404 when it keeps none."""
+        return self.request("GET", "/fixity/summary", retries=0).json()
+
 
 class IngestIdentityClient(ServiceClient):
     """The ingest service's internal question: whose API token is this (by its SHA-256)?"""
@@ -209,3 +213,7 @@ class IngestClient(ServiceClient):
 
     def get_state(self, job_id: int) -> dict:
         return self.request("GET", f"/get_state/{quote(str(job_id))}").json()
+
+    def jobs(self, **params) -> dict:
+        """A page of ``GET /jobs`` (``state``, ``submitter``, ``project``, ``limit``, ``offset``)."""
+        return self.request("GET", "/jobs", params={k: v for k, v in params.items() if v is not None}).json()

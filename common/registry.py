@@ -55,6 +55,8 @@ class Service:
     on_up: str | None = None
     # ``labvault up`` starts services in ascending order (those others call first).
     order: int = 50
+    # "module:function" () -> the service's OpenAPI 3 description (served at /openapi.json).
+    openapi: str | None = None
 
     def url(self, settings: Settings) -> str:
         """Base URL other processes reach this service at."""
@@ -122,6 +124,12 @@ def get(name: str) -> Service:
         if service.name == name:
             return service
     raise KeyError(f"no service {name!r}; known: {', '.join(names())}")
+
+
+def describe_api(name: str) -> dict | None:
+    """The OpenAPI description service ``name`` declares, or None."""
+    service = get(name)
+    return load(service.openapi)() if service.openapi else None
 
 
 def with_tables() -> list[Service]:

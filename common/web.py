@@ -360,13 +360,17 @@ class DatabaseTool(cherrypy.Tool):
 cherrypy.tools.labvault_db = DatabaseTool()
 
 
+PUBLIC_PATHS = ("/", "/openapi.json")
+
+
 def require_service_token(token: str = "") -> None:
     """Refuse (401 ``service_token_required``) a request without the shared service token.
 
-    The health answer (``GET /``) stays open for load balancers and healthchecks.
+    The health answer (``GET /``) stays open for load balancers and healthchecks, and the
+    API description (``GET /openapi.json``) for people: it holds no data.
     """
     request = cherrypy.serving.request
-    if not token or (request.path_info == "/" and request.method in ("GET", "HEAD")):
+    if not token or (request.path_info in PUBLIC_PATHS and request.method in ("GET", "HEAD")):
         return
     if not same_secret(request.headers.get(SERVICE_TOKEN_HEADER, ""), token):
         # Unauthorized closes the connection: the body, however large, is never read.
@@ -536,3 +540,45 @@ class HealthMixin:
 
     def GET(self):  # noqa: N802 - CherryPy MethodDispatcher verb
         return json_body({"message": f"{self.service_title} Up and Running"})
+
+
+class OpenApiDocument:
+    """``GET /openapi.json`` (CherryPy's dispatcher finds it as ``openapi_json``): the service's
+    OpenAPI 3 description, built once by ``describe()``."""
+
+    exposed = True
+
+    def __init__(self, describe):
+        self._describe = describe
+        self._document = None
+
+    def GET(self, **_params):  # noqa: N802
+        if self._document is None:
+            self._document = self._describe()
+        return json_body(self._document)
+
+
+def allow_origins(origins=()) -> None:
+    """Cross-origin answers for the pages of other labvault services (the dashboard, served by
+    the ingest service): only the listed origins, only the methods and headers they use.
+
+    A preflight (``OPTIONS`` with ``Access-Control-Request-Method``) from a listed origin is
+    answered here, before any handler; other requests from it get the headers added.
+    """
+    request, response = cherrypy.serving.request, cherrypy.serving.response
+    origin = request.headers.get("Origin", "").rstrip("/")
+    if not origin or origin not in {allowed.strip().rstrip("/") for allowed in origins}:
+        return
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Vary"] = "Origin"
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        response.headers.update({"Access-Control-Allow-Methods": "GET, POST, PUT",
+                                 "Access-Control-Allow-Headers": "Authorization, API-KEY, Content-Type",
+                                 "Access-Control-Max-Age": "600"})
+        response.status = 204
+        response.body = b""
+        request.handler = None  # answered: no handler runs
+
+
+# After dispatch (the tools are known), before the body is read or a handler runs.
+cherrypy.tools.labvault_cors = cherrypy.Tool("on_start_resource", allow_origins, priority=5)

@@ -9,4 +9,5 @@ SERVICE = Service(
     periodic="ingest_service.tasks:periodic",
     commands="ingest_service.commands:add_commands",
     on_up="ingest_service.tasks:recover_at_up",
+    openapi="ingest_service.openapi:describe",
 )

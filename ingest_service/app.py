@@ -7,12 +7,14 @@ import cherrypy
 
 from common import migrations
 from common.celery_app import make_celery
-from common.clients import MetadataClient
+from common import registry
+from common.clients import ArchiveClient, MetadataClient
 from common.db import request_connection
 from common.errors import BadRequest, LabvaultError, MethodNotAllowed, NotFound
 from common.settings import Settings
 from common.web import (
     HealthMixin,
+    OpenApiDocument,
     as_labvault_error,
     drain,
     error_headers,
@@ -25,6 +27,9 @@ from common.web import (
 from ingest_service import models
 from common.auth import Identities
 from ingest_service import identity
+from ingest_service import openapi
+from ingest_service.dashboard import DashboardFiles
+from ingest_service.overview import JobViews
 from ingest_service.services import IngestService, parse_length
 from ingest_service.tasks import enqueue_job
 from ingest_service.staging import Staging
@@ -137,14 +142,71 @@ class TokenOwners:
         return json_body({"user": user})
 
 
+def _identify(identities: Identities):
+    request = cherrypy.serving.request
+    return identities.identify(request.headers, request.remote.ip)
+
+
+class Jobs:
+    """``GET /jobs?state=&submitter=&project=&limit=&offset=`` and ``GET /jobs/<id>`` (with its files)."""
+
+    exposed = True
+
+    def __init__(self, views: JobViews, identities: Identities):
+        self.views = views
+        self.identities = identities
+
+    def GET(self, *path, state=None, submitter=None, project=None, limit="50", offset="0", **_params):  # noqa: N802
+        who = _identify(self.identities)
+        if len(path) == 1:
+            return json_body(self.views.details(who, int_param("job_id", path[0])))
+        if path:
+            raise NotFound("GET /jobs or /jobs/<job_id>", code="not_found")
+        submitter = None if submitter in (None, "") else int_param("submitter", submitter)
+        return json_body(self.views.listing(who, state, submitter, project or None,
+                                            int_param("limit", limit), int_param("offset", offset)))
+
+
+class Dashboard:
+    """``GET /dashboard/`` and its static files, ``/dashboard/config.json`` (where the page finds
+    the services), ``/dashboard/api/fixity`` (the internal archive's summary, asked with the
+    service token) and ``/dashboard/api/openapi/<service>`` (descriptions for the API page)."""
+
+    exposed = True
+
+    def __init__(self, settings: Settings, views: JobViews, identities: Identities):
+        self.files = DashboardFiles(settings, identities.mode)
+        self.views = views
+        self.identities = identities
+
+    def GET(self, *path, **_params):  # noqa: N802
+        if not path and not cherrypy.serving.request.path_info.endswith("/"):
+            raise cherrypy.HTTPRedirect("/dashboard/", 301)  # so the page's relative links resolve
+        if path == ("config.json",):
+            return json_body(self.files.config())
+        if path == ("api", "fixity"):
+            _identify(self.identities)
+            return json_body(self.views.fixity())
+        if len(path) == 3 and path[:2] == ("api", "openapi") and path[2] in registry.names():
+            return json_body(registry.describe_api(path[2]) or {})
+        content_type, body = self.files.read(path[0] if len(path) == 1 else ("index.html" if not path else ""))
+        response = cherrypy.serving.response
+        response.headers.update({"Content-Type": content_type, "Cache-Control": "no-cache",
+                                 "X-Content-Type-Options": "nosniff"})
+        return body
+
+
 class Root(HealthMixin):
     exposed = True
     service_title = "Ingest"
 
-    def __init__(self, service: IngestService, identities: Identities):
+    def __init__(self, service: IngestService, identities: Identities, views: JobViews, settings: Settings):
         self.ingest = self.upload = Upload(service, identities)
         self.move = Move(service, identities)
         self.identity = TokenOwners()
+        self.jobs = Jobs(views, identities)
+        self.dashboard = Dashboard(settings, views, identities)
+        self.openapi_json = OpenApiDocument(openapi.describe)
 
 
 def build_app(settings: Settings, check_schema: bool = True, celery_app=None) -> StateEndpoint:
@@ -155,8 +217,9 @@ def build_app(settings: Settings, check_schema: bool = True, celery_app=None) ->
     service = IngestService(settings, metadata, Staging(settings.path("ingest", "staging_dir")),
                             lambda job_id: enqueue_job(celery_app, job_id))
     identities = identity.identities(settings, metadata)
+    views = JobViews(metadata, ArchiveClient(settings))
     internal = {"/identity": {"tools.labvault_service_token.on": True,
                               "tools.labvault_service_token.token": settings.service_token}}
-    return StateEndpoint(make_application(Root(service, identities), db=db,
+    return StateEndpoint(make_application(Root(service, identities, views, settings), db=db,
                                           extra=internal if settings.service_token else None),
                          service, identities, db)

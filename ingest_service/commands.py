@@ -1,10 +1,11 @@
-"""The ingest service's ``labvault`` commands: ``job``, ``reap``, ``token``."""
+"""The ingest service's ``labvault`` commands: ``jobs``, ``job``, ``reap``, ``token``."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
-from common.clients import MetadataClient
+from common.clients import IngestClient, MetadataClient
 from common.commands import CommandError, deployed_database, say_deployment
 from common.errors import LabvaultError
 from common.settings import Settings
@@ -14,6 +15,14 @@ STEPS = ["UPLOADING", "open tar", "load metadata", "Policy Validation", "ingest 
 
 
 def add_commands(add) -> None:
+    listing = add("jobs", cmd_jobs, "List jobs, newest first, as the ingest service shows them to you.")
+    listing.add_argument("--state", choices=["OK", "FAILED", "running", "done"], help="only jobs in this state")
+    listing.add_argument("--project", help="only jobs whose transaction names this project")
+    listing.add_argument("--submitter", type=int, help="only jobs of this submitter")
+    listing.add_argument("--limit", type=int, default=20, help="how many jobs")
+    listing.add_argument("--json", action="store_true", help="the ingest service's JSON page, for scripts")
+    listing.add_argument("--url", help="ingest service URL (default: from settings)")
+    listing.add_argument("--token", help="API token in token mode (default: $LABVAULT_TOKEN)")
     job = add("job", cmd_job, "Set a job's state by hand (fix a stuck job).")
     job.add_argument("--job-id", type=int, required=True, help="the job")
     job.add_argument("--state", required=True, choices=["OK", "FAILED"], help="the state to record")
@@ -30,6 +39,27 @@ def add_commands(add) -> None:
     token.add_argument("token_id", nargs="?", help="revoke: the token's id, as 'token list' shows it")
     token.add_argument("--user", type=int, help="create: the user the token belongs to; list: only theirs")
     token.add_argument("--label", default="", help="create: a note, e.g. the instrument it is for")
+
+
+def cmd_jobs(args, settings: Settings) -> int:
+    """Read ``GET /jobs`` of the ingest service: the same identity rules as the dashboard's."""
+    client = IngestClient(settings, base_url=args.url, token=args.token or os.environ.get("LABVAULT_TOKEN"))
+    try:
+        page = client.jobs(state=args.state, project=args.project, submitter=args.submitter, limit=args.limit)
+    except LabvaultError as exc:
+        raise CommandError(f"{client.base_url}: {exc.as_exception_text()}") from None
+    if args.json:
+        print(json.dumps(page))
+        return 0
+    rows = [("JOB", "STATE", "STEP", "%", "CREATED", "SUBMITTER", "PROJECT", "EXCEPTION")]
+    rows += [(str(job["job_id"]), job["state"], job["task"], job["task_percent"], job["created"][:19],
+              "" if job["submitter"] is None else str(job["submitter"]),
+              "" if job["project"] is None else str(job["project"]), job["exception"][:60]) for job in page["jobs"]]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"{len(page['jobs'])} of {page['total']} job(s)", file=sys.stderr)
+    return 0
 
 
 def cmd_job(args, settings: Settings) -> int:

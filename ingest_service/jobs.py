@@ -204,3 +204,30 @@ def held_for(job_id: int, stale_seconds: float) -> float | None:
     return max(0.0, stale_seconds - age)
 
 
+
+
+# -- listings -------------------------------------------------------------------
+
+def listing(state: str | None = None, owners: list[int] | None = None, job_ids: list[int] | None = None,
+            either: tuple[int, list[int]] | None = None, limit: int = 50, offset: int = 0) -> tuple[int, list[Job]]:
+    """``(total, page)`` of jobs, newest first: ``state`` ``OK``/``FAILED``, or ``running`` (not
+    complete) or ``done`` (complete and OK); only ``owners``' jobs and ``job_ids`` when given;
+    ``either=(user, ids)``: only jobs owned by ``user`` or among ``ids``."""
+    query = Job.select()
+    if state == FAILED:
+        query = query.where(Job.state == FAILED)
+    elif state == OK:
+        query = query.where(Job.state == OK)
+    elif state == "running":
+        query = query.where(unfinished_condition())
+    elif state == "done":
+        query = query.where((Job.state == OK) & ~unfinished_condition())
+    elif state:
+        raise BadRequest("state is OK, FAILED, running or done", code="invalid_state")
+    if owners is not None:
+        query = query.where(Job.owner.in_(owners))
+    if job_ids is not None:
+        query = query.where(Job.job_id.in_(job_ids))
+    if either is not None:
+        query = query.where((Job.owner == either[0]) | Job.job_id.in_(either[1]))
+    return query.count(), list(query.order_by(Job.job_id.desc()).limit(limit).offset(offset))

@@ -6,4 +6,5 @@ SERVICE = Service(
     app="metadata_service.app:build_app",
     models="metadata_service.models",
     commands="metadata_service.commands:add_commands",
+    openapi="metadata_service.openapi:describe",
 )

@@ -7,7 +7,8 @@ import cherrypy
 
 from common import migrations
 from common.settings import Settings
-from common.web import HealthMixin, json_body, make_application, read_json
+from metadata_service import openapi
+from common.web import HealthMixin, OpenApiDocument, json_body, make_application, read_json
 from metadata_service import ids, ingest, objects
 from metadata_service.models import SCHEMA, database
 
@@ -60,6 +61,7 @@ class Root(HealthMixin):
     service_title = "Metadata"
 
     def __init__(self):
+        self.openapi_json = OpenApiDocument(openapi.describe)
         self.getid = GetId()
         self.ingest = Ingest()
         for table in objects.TABLES:

@@ -5,7 +5,8 @@ import cherrypy
 
 from common.clients import MetadataClient
 from common.settings import Settings
-from common.web import HealthMixin, int_param, json_body, make_application, read_json
+from policy_service import openapi
+from common.web import HealthMixin, OpenApiDocument, int_param, json_body, make_application, read_json
 from policy_service.policy import IngestPolicy
 from policy_service.uploader import UploaderQueries
 
@@ -48,6 +49,7 @@ class PolicyRoot(HealthMixin):
     service_title = "Policy"
 
     def __init__(self, metadata: MetadataClient):
+        self.openapi_json = OpenApiDocument(openapi.describe)
         self.ingest = IngestResource(IngestPolicy(metadata))
         self.uploader = UploaderResource(UploaderQueries(metadata))
 

@@ -9,4 +9,5 @@ SERVICE = Service(
     periodic="stats_service.tasks:periodic",
     commands="stats_service.commands:add_commands",
     listeners={INGESTED: "stats_service.tasks:on_ingested"},
+    openapi="stats_service.openapi:describe",
 )

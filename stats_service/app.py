@@ -17,8 +17,8 @@ from common.auth import Identities
 from common.clients import IngestIdentityClient
 from common.errors import BadRequest, NotFound
 from common.settings import Settings
-from common.web import HealthMixin, int_param, json_body, make_application, read_json
-from stats_service import computed, downloads, models, projects
+from common.web import HealthMixin, OpenApiDocument, int_param, json_body, make_application, read_json
+from stats_service import computed, downloads, models, openapi, projects
 from stats_service.models import ComputedFile, FileStats, IssuedDownload, ProjectStats, Run
 from stats_service.runs import Engine, run_document
 
@@ -289,6 +289,7 @@ class Root(HealthMixin):
         self.tokens = Tokens(settings, identities)
         self.computed_files = ComputedFiles(settings, engine)
         self.download = Download(settings, engine)
+        self.openapi_json = OpenApiDocument(openapi.describe)
 
 
 def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Application:
@@ -299,6 +300,11 @@ def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Applica
     asking = IngestIdentityClient(settings)
     identities = Identities(settings, engine.metadata, asking.user_for_token)
     root = Root(settings, engine, lambda run_id: enqueue_run(settings, run_id), identities)
+    # The dashboard's page (served by the ingest service) calls this service from the browser.
+    origins = settings.getlist("stats", "cors_origins") or [
+        settings.get("dashboard", "ingest_url", "").strip() or settings.service_url("ingest")]
     # Responses streamed from the archive must not be buffered whole.
-    return make_application(root, db=db, extra={"/stats": {"response.stream": True},
+    return make_application(root, db=db, extra={"/": {"tools.labvault_cors.on": True,
+                                                        "tools.labvault_cors.origins": origins},
+                                                  "/stats": {"response.stream": True},
                                                   "/download": {"response.stream": True}})

@@ -1,0 +1,26 @@
+"""The archive service's OpenAPI 3 description, served at ``GET /openapi.json``."""
+from __future__ import annotations
+
+from common import openapi as oa
+
+FILE_ID = oa.path("file_id", "the file's id", {"type": "integer"})
+BYTES = {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                               "format": "binary"}}}}
+
+
+def describe() -> dict:
+    paths = oa.common_paths()
+    paths["/{file_id}"] = {
+        "get": oa.operation("the file's bytes (Range supported)", oa.binary("the bytes"), parameters=[FILE_ID],
+                            extra={"206": oa.binary("a range of the bytes")}),
+        "head": oa.operation("size, mtime and stored digest", {"description": "headers only"},
+                             parameters=[FILE_ID]),
+        "put": oa.operation("store the bytes (write-once; verified against hashtype/hashsum)", status="201",
+                            parameters=[FILE_ID, oa.query("hashtype", "e.g. sha1"),
+                                        oa.query("hashsum", "expected hex digest")],
+                            body=BYTES, extra={"200": oa.json_response("the same bytes were there")}),
+        "patch": oa.operation("move a local file in", parameters=[FILE_ID], body=oa.json_body('{"path": ...}')),
+        "delete": oa.operation("remove the file", parameters=[FILE_ID]),
+        "post": oa.operation("stage the file (a no-op here)", parameters=[FILE_ID]),
+    }
+    return oa.document("labvault archive", "File bytes by id (internal: needs the service token).", paths)
