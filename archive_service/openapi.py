@@ -23,4 +23,12 @@ def describe() -> dict:
         "delete": oa.operation("remove the file", parameters=[FILE_ID]),
         "post": oa.operation("stage the file (a no-op here)", parameters=[FILE_ID]),
     }
+    paths["/fixity"] = {"get": oa.operation(
+        "files whose last fixity check was not ok (paged)",
+        oa.json_response("the files with their last check, and the paging", {"type": "object"}),
+        parameters=[oa.query("result", "mismatch or unreadable (default: both)"),
+                    oa.query("page_number", "page, from 1", {"type": "integer", "minimum": 1}),
+                    oa.query("items_per_page", "rows a page", {"type": "integer", "minimum": 1})])}
+    paths["/fixity/summary"] = {"get": oa.operation(
+        "counts of files by their last fixity result", oa.json_response("counts", {"type": "object"}))}
     return oa.document("labvault archive", "File bytes by id (internal: needs the service token).", paths)
