@@ -341,3 +341,25 @@ def write_plugin(root: Path, name: str, files: dict[str, str], entry_points: dic
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text).lstrip())
     return root
+
+
+def derived_archive_ids(stack) -> set[int]:
+    """Archive ids holding the stats service's outputs (figures, computed files), which the
+    stats builds after every ingest add on their own; tests counting a job's files leave them out."""
+    from common.db import open_database
+    db = open_database(stack.settings.database_url("stats").replace("+pool", ""))
+    try:
+        with db.connection_context():
+            if not db.table_exists("stats_run_output"):
+                return set()
+            return {int(row[0]) for row in db.execute_sql("SELECT archive_id FROM stats_run_output").fetchall()}
+    finally:
+        db.close()
+
+
+def job_archive_files(stack) -> set[str]:
+    """Files under the archive root (relative paths, POSIX archive) other than the stats outputs."""
+    root = stack.settings.path("archive", "root")
+    files = {p for p in root.rglob("*") if p.is_file() and ".incoming" not in p.parts}
+    derived = derived_archive_ids(stack)
+    return {str(p.relative_to(root)) for p in files if not (p.name.isdigit() and int(p.name) in derived)}

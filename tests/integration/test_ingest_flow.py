@@ -9,12 +9,11 @@ import os
 import pytest
 import requests
 
-from tests.helpers import FIXTURES, fixture_bundle, load_json, make_tar
+from tests.helpers import FIXTURES, fixture_bundle, job_archive_files, load_json, make_tar
 
 
 def archive_files(stack) -> set[str]:
-    root = stack.settings.path("archive", "root")
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    return job_archive_files(stack)
 
 
 def staged(stack) -> list[str]:

@@ -29,6 +29,7 @@ from tests.helpers import (
     REPO,
     archive_sha1,
     env_for,
+    job_archive_files,
     large_bundle,
     payload_bundle,
     seeded,
@@ -166,8 +167,7 @@ def test_a_declared_length_over_the_body_limit_is_refused_before_any_job(fresh):
 
 
 def archived_ids(stack) -> set[str]:
-    root = stack.settings.path("archive", "root")
-    return {p.name for p in root.rglob("*") if p.is_file() and ".incoming" not in p.parts}
+    return {path.rpartition("/")[2] for path in job_archive_files(stack)}
 
 
 def ingest_posters(stack, since: int = 0) -> list[int]:

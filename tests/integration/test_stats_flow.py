@@ -124,7 +124,11 @@ def test_a_forced_request_is_queued_and_run_by_a_worker(stack, ingested):
 def test_a_new_input_rebuilds_exactly_what_depends_on_it(stack, ingested):
     project, _ = ingested
     before = stats_of(stack, project, 3)
-    old_runs = {path: entry["runs"] for path, entry in by_path(before).items()}
+    # The cached run of each (operation, file) now: a rebuild must hit exactly these.
+    old_runs = {path: {name: requests.post(f"{stack.url('stats')}/operations/{name}",
+                                           json={"inputs": {"file_id": entry["file_id"]}}, timeout=30).json()["run_id"]
+                       for name in entry["runs"]}
+                for path, entry in by_path(before).items()}
     c, _ = h5ad_bytes(seed=3)
     assert stack.ingest(payload_bundle({"run3/c.h5ad": c}, project=project), timeout=120)["state"] == "OK"
     after = stats_of(stack, project, 4)
