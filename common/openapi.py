@@ -44,7 +44,8 @@ def document(title: str, description: str, paths: dict[str, dict], version: str 
 
 
 def json_response(description: str, schema: dict | None = None) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": schema or ANY_OBJECT}}}
+    return {"description": description,
+            "content": {"application/json": {"schema": ANY_OBJECT if schema is None else schema}}}
 
 
 def operation(summary: str, ok: dict | None = None, *, status: str = "200", parameters: list | None = None,

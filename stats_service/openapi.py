@@ -25,12 +25,13 @@ def describe() -> dict:
         "/operations/runs/{run_id}": {"get": oa.operation("a run", parameters=[oa.path("run_id", "the run")])},
         "/stats/{project}": {"get": oa.operation("a project's statistics", parameters=[PROJECT])},
         "/stats/{project}/figures": {"get": oa.operation("a project's figures", oa.json_response(
-            "names, sizes, digests", {}), parameters=[PROJECT])},
+            "names, sizes, digests", {"type": "array", "items": {"type": "object"}}), parameters=[PROJECT])},
         "/stats/{project}/figures/{name}": {"get": oa.operation("one figure", PNG, parameters=[PROJECT, FIGURE],
                                                                 extra={"304": {"description": "not modified"}})},
         "/stats/files/{file_id}": {"get": oa.operation("a file's statistics", parameters=[FILE_ID])},
-        "/stats/files/{file_id}/figures": {"get": oa.operation("a file's figures", oa.json_response("the figures", {}),
-                                                                parameters=[FILE_ID])},
+        "/stats/files/{file_id}/figures": {"get": oa.operation(
+            "a file's figures", oa.json_response("the figures", {"type": "array", "items": {"type": "object"}}),
+            parameters=[FILE_ID])},
         "/stats/files/{file_id}/figures/{name}": {"get": oa.operation(
             "one figure of a file", PNG, parameters=[FILE_ID, FIGURE], extra={"304": {"description": "not modified"}})},
         "/tokens": {"post": oa.operation("a new download token (shown once)", status="201",
