@@ -123,6 +123,15 @@ async function loadProject(project) {
   }));
 }
 
+// Download links already handed out, by computed file id: a refresh of the table keeps them.
+const downloadLinks = new Map();
+
+function downloadCell(file) {
+  const link = downloadLinks.get(file.id);
+  if (link) return el("a", { href: link.download_url, class: "download-link" }, `Download ${link.filename}`);
+  return el("button", { class: "download", onclick: () => download(file.id) }, "Download");
+}
+
 async function loadComputedFiles() {
   const project = $("#files-project").value.trim();
   const rows = await stats("/computed_files" + (project ? `?project=${encodeURIComponent(project)}` : ""));
@@ -130,7 +139,7 @@ async function loadComputedFiles() {
     el("td", {}, String(file.id)), el("td", {}, String(file.project)), el("td", {}, file.kind),
     el("td", { class: "mono" }, file.filename), el("td", {}, file.size == null ? "" : String(file.size)),
     el("td", {}, file.skipped ? el("span", { class: "muted" }, file.skipped.message)
-                              : el("button", { class: "download", onclick: () => download(file.id) }, "Download")))));
+                              : downloadCell(file)))));
 }
 
 async function download(id) {
@@ -141,9 +150,11 @@ async function download(id) {
   }
   try {
     const file = await stats(`/computed_files/${id}`, { headers: { "API-KEY": downloadToken() } });
-    const cell = $(`#computed-${id} td:last-child`);
     // A link the user follows (a signed URL, valid for a while): the file is an attachment.
-    cell.replaceChildren(el("a", { href: file.download_url, class: "download-link" }, `Download ${file.filename}`));
+    downloadLinks.set(Number(id), file);
+    // The table may have been redrawn while the URL was asked for: find the row again, if it is there.
+    const cell = $(`#computed-${id} td:last-child`);
+    if (cell) cell.replaceChildren(downloadCell({ id: Number(id) }));
   } catch (error) { showError(error); }
 }
 
