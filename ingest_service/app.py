@@ -26,7 +26,7 @@ from common.web import (
 )
 from ingest_service import models
 from common.auth import Identities
-from ingest_service import identity
+from ingest_service import identity, idempotency
 from ingest_service import openapi
 from ingest_service.dashboard import DashboardFiles
 from ingest_service.overview import JobViews
@@ -51,8 +51,10 @@ class Upload:
         request = cherrypy.serving.request
         try:
             identity = self.identities.identify(request.headers, request.remote.ip)
+            idempotent = idempotency.from_headers(request.headers.get(idempotency.KEY_HEADER),
+                                                  request.headers.get(idempotency.DEDUPE_HEADER))
             state = self.service.upload(request.rfile.read, parse_length(request.headers.get("Content-Length")),
-                                        identity)
+                                        identity, idempotent)
         except LabvaultError as exc:
             # A refusal before the body was read (401, 413) closes the connection: never read it.
             if exc.headers.get("Connection") != "close":

@@ -28,8 +28,16 @@ TAR = {"required": True, "description": "the bundle: an uncompressed tar",
 
 def describe() -> dict:
     paths = oa.common_paths()
-    upload = oa.operation("upload a bundle; answers the new job's state", oa.json_response("the job", STATE_REF),
-                          body=TAR)
+    upload = oa.operation(
+        "upload a bundle; answers the new job's state (with an idempotency key already bound to the "
+        "same bundle: the bound job's state, and no new job)", oa.json_response("the job", STATE_REF), body=TAR,
+        parameters=[oa.header("Idempotency-Key", "1 to 200 visible ASCII characters naming this upload, per "
+                              "uploader: the same bundle again answers the job it made; another bundle is 409 "
+                              "idempotency_key_reused; kept [ingest] idempotency_hours"),
+                    oa.header("Labvault-Dedupe", "'digest': the bundle's SHA-256 is its idempotency key "
+                              "(the same bytes again answer the job they made)")],
+        extra={"409": oa.json_response("idempotency_key_reused: the key was bound to another bundle",
+                                       {"$ref": "#/components/schemas/Error"})})
     paths.update({
         "/ingest": {"post": upload},
         "/upload": {"post": {**upload, "summary": "alias of POST /ingest (Pacifica clients)"}},
