@@ -2,8 +2,8 @@
 and when a project's stats and computed files are built; a server answering 500 gets retries with
 growing delays until the subscription is disabled, and re-enabling it delivers again.
 
-The suite runs with a short ``[events] retry_delay`` and ``disable_after = 3``, so the whole
-retry-and-disable cycle takes about a second.
+The suite runs with ``[events] retry_delay = 1`` and ``disable_after = 3``, so the whole
+retry-and-disable cycle takes about three seconds.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers import Stack, fixture_bundle, new_project, payload_bundle, seeded, wait_for
 
-RETRY_DELAY = 0.4
+RETRY_DELAY = 1.0
 DISABLE_AFTER = 3
 SECRET = "s3cret-for-the-tests"
 
@@ -136,6 +136,23 @@ def test_signed_events_for_an_ok_job_and_a_failed_one(events_stack):
             stack.cli("webhook", "remove", str(hook))
 
 
+def test_a_job_failed_by_hand_is_announced(events_stack):
+    stack = events_stack
+    with Receiver() as receiver:
+        hook = add_webhook(stack, receiver.url, "job.failed", "--secret", SECRET)
+        try:
+            ok = stack.ingest(payload_bundle({"c/v.txt": b"failed later by an admin\n"}))
+            stack.cli("job", "--job-id", str(ok["job_id"]), "--state", "FAILED", "--task", "ingest metadata",
+                      "--force")
+            entry = receiver.wait(lambda e: e["data"]["job"]["job_id"] == ok["job_id"], message="job.failed")
+            verify(entry)
+            assert entry["event"]["type"] == "job.failed"
+            assert entry["event"]["data"]["job"]["exception"].startswith("failed_by_admin: ")
+            assert not [e for e in receiver.events() if e["type"] != "job.failed"]
+        finally:
+            stack.cli("webhook", "remove", str(hook))
+
+
 def test_failing_server_gets_backoff_then_the_subscription_is_disabled_and_can_be_enabled(events_stack):
     stack = events_stack
     with Receiver(status=500) as receiver:
@@ -157,10 +174,14 @@ def test_failing_server_gets_backoff_then_the_subscription_is_disabled_and_can_b
             for entry in attempts:
                 verify(entry)
 
-            # Disabled: a new event reaches nobody.
+            # Disabled: a new event does not reach it. An enabled subscription to the same event
+            # shows when the fan-out has happened (both are enqueued by one task).
             receiver.status = 200
-            quiet = stack.ingest(payload_bundle({"b/z.txt": b"nobody hears\n"}))
-            time.sleep(RETRY_DELAY * 4)  # a delivery, were there one, would have come by now
+            with Receiver() as control:
+                watcher = add_webhook(stack, control.url, "job.ok", "--secret", SECRET)
+                quiet = stack.ingest(payload_bundle({"b/z.txt": b"nobody hears\n"}))
+                control.wait(lambda e: e["data"]["job"]["job_id"] == quiet["job_id"], message="the control")
+                stack.cli("webhook", "remove", str(watcher))
             assert not [e for e in receiver.events() if e["data"]["job"]["job_id"] == quiet["job_id"]]
 
             stack.cli("webhook", "enable", str(hook))

@@ -196,3 +196,16 @@ def test_old_delivery_records_are_forgotten(ingest_db):
     Delivery.create(subscription=1, event_id="e2", event_type="job.ok", attempt=1, status=200, at=utcnow())
     assert webhooks.forget_deliveries(30) == 1
     assert [row.event_id for row in Delivery.select()] == ["e2"]
+
+
+def test_the_reaper_forgets_expired_keys_and_old_deliveries(ingest_db, tmp_path):
+    from ingest_service import reaper
+    idempotency.bind("gone", 10, A, 1, hours=1)
+    idempotency.bind("kept", 10, A, 2, hours=1)
+    IdempotencyKey.update(expires=utcnow() - datetime.timedelta(seconds=1)).where(
+        IdempotencyKey.key == "gone").execute()
+    Delivery.create(subscription=1, event_id="e1", event_type="job.ok", attempt=1, status=500,
+                    at=utcnow() - datetime.timedelta(days=3))
+    reaper.forget(make_settings(tmp_path, events={"keep_days": "2"}))
+    assert [row.key for row in IdempotencyKey.select()] == ["kept"]
+    assert Delivery.select().count() == 0
