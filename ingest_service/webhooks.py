@@ -146,8 +146,9 @@ def deliver(settings: Settings, subscription_id: int, event: dict[str, Any],
     status, error = None, ""
     started = time.monotonic()
     try:
+        # stream=True: the answer's body is never read (a server could send gigabytes back).
         response = (session or requests).post(row.url, data=body, headers=headers, timeout=timeouts,
-                                              allow_redirects=False)
+                                              allow_redirects=False, stream=True)
         status = response.status_code
         response.close()
         if not 200 <= status < 300:

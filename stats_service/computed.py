@@ -82,8 +82,11 @@ def register(engine, kind: str, run: Run) -> ComputedFile:
     row = ComputedFile.get(where)
     if not row.skipped_code:
         # New bytes for downloaders (a skip built nothing to fetch).
+        # Without the input digests: one per file of the project, they would make the event as
+        # large as the project is wide (GET /computed_files/<id> has them).
+        data = {key: value for key, value in document(row).items() if key != "inputs"}
         events.publish(engine.settings, events.COMPUTED_FILE_BUILT, "stats",
-                       f"projects/{row.project}/computed_files/{row.id}", document(row), row.project)
+                       f"projects/{row.project}/computed_files/{row.id}", data, row.project)
     return row
 
 

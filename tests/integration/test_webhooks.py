@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.helpers import Stack, fixture_bundle, new_project, payload_bundle, seeded, wait_for
+from tests.servers import require_postgres, require_rabbitmq, require_uwsgi
 
 RETRY_DELAY = 1.0
 DISABLE_AFTER = 3
@@ -77,11 +78,19 @@ class Receiver:
         return wait_for(found, timeout=timeout, interval=0.1, message=message)
 
 
-@pytest.fixture(scope="module")
-def events_stack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("events-stack")
-    stack = Stack(root, events={"retry_delay": str(RETRY_DELAY), "disable_after": str(DISABLE_AFTER),
-                                "retry_max_delay": "5", "timeout": "5"})
+@pytest.fixture(scope="module", params=["embedded", "production"])
+def events_stack(request, tmp_path_factory):
+    """The suite with quick retries, in each of its two worlds (as the shared ``stack`` fixture)."""
+    if request.param == "production":
+        require_postgres()
+        require_rabbitmq()
+        require_uwsgi()
+        from tests.production import ProductionStack as kind
+    else:
+        kind = Stack
+    root = tmp_path_factory.mktemp(f"events-{request.param}")
+    stack = kind(root, events={"retry_delay": str(RETRY_DELAY), "disable_after": str(DISABLE_AFTER),
+                               "retry_max_delay": "5", "timeout": "5"})
     with seeded(stack) as running:
         yield running
 
