@@ -22,7 +22,7 @@ from common.errors import (
 )
 from common.settings import Settings
 from ingest_service import idempotency, jobs, notices
-from ingest_service.staging import Staging, read_body
+from ingest_service.staging import CHUNK, Staging, read_body
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +62,29 @@ class IngestService:
                                                          digest=digest))
         return self.start_staged(job_id, digest.hexdigest(), identity, idempotent)
 
-    def start_staged(self, job_id: int, digest: str, identity: Identity = OPEN,
+    def start_staged(self, job_id: int, digest: str | None, identity: Identity = OPEN,
                      idempotent: idempotency.Request | None = None) -> dict:
         """A job whose bundle (SHA-256 ``digest``) is staged whole: bind its idempotency key, then
         enqueue it; returns its state. When the key is already bound to another job, this job and
-        its staged bytes are removed and the bound job answers (409 for other bytes)."""
+        its staged bytes are removed and the bound job answers (409 for other bytes).
+
+        A caller that could not hash the bytes as they arrived passes ``digest=None``: the staged
+        bundle is then read once more, and only when an idempotency key needs it.
+        """
         if idempotent is None:
             return self._start(job_id)
-        uploader = idempotency.uploader_of(identity.user)
-        key = idempotent.key_for(digest)
-        binding = idempotency.bind(key, uploader, digest, job_id, self.idempotency_hours)
-        if int(binding.job_id) != job_id and jobs.find(int(binding.job_id)) is None:
-            # The bound job is gone (removed by hand): the key names nothing any more.
-            idempotency.unbind_row(binding.id)
-            binding = idempotency.bind(key, uploader, digest, job_id, self.idempotency_hours)
+        if digest is None:
+            digest = self._staged_digest(job_id)
+        try:
+            binding = self._bind(idempotent.key_for(digest), idempotency.uploader_of(identity.user), digest, job_id)
+        except LabvaultError as exc:
+            self._fail_upload(job_id, exc)  # never enqueued: the reaper must not run it keyless
+            raise
+        except Exception:
+            logger.exception("job %s: binding its idempotency key failed", job_id)
+            error = LabvaultError("the idempotency key could not be recorded; the service log has the details")
+            self._fail_upload(job_id, error)
+            raise error from None
         if int(binding.job_id) == job_id:
             return self._start(job_id, unbind_on_failure=True)
         # Another upload bound the key first (a retry, or a concurrent twin): this job never was.
@@ -94,6 +103,27 @@ class IngestService:
         raw = json.dumps(document).encode("utf-8")
         self._stage(job_id, lambda: self.staging.receive(job_id, io.BytesIO(raw).read, len(raw), suffix=".json"))
         return self._start(job_id)
+
+    def _bind(self, key: str, uploader: int, digest: str, job_id: int):
+        binding = idempotency.bind(key, uploader, digest, job_id, self.idempotency_hours)
+        if int(binding.job_id) != job_id and jobs.find(int(binding.job_id)) is None:
+            # The bound job is gone (removed by hand): the key names nothing any more.
+            idempotency.unbind_row(binding.id)
+            binding = idempotency.bind(key, uploader, digest, job_id, self.idempotency_hours)
+        return binding
+
+    def _staged_digest(self, job_id: int) -> str:
+        digest = hashlib.sha256()
+        try:
+            with open(self.staging.bundle_path(job_id), "rb") as handle:
+                for chunk in iter(lambda: handle.read(CHUNK), b""):
+                    digest.update(chunk)
+        except OSError as exc:
+            logger.error("job %s: cannot read the staged bundle to hash it: %s", job_id, exc)
+            error = LabvaultError("the staged bundle could not be read; send it again", code="staging_unavailable")
+            self._fail_upload(job_id, error)
+            raise error from None
+        return digest.hexdigest()
 
     def state(self, job_id: int, identity: Identity = OPEN) -> dict:
         """The job's state; a job ``identity`` may not see does not exist for it (404)."""

@@ -209,3 +209,41 @@ def test_the_reaper_forgets_expired_keys_and_old_deliveries(ingest_db, tmp_path)
     reaper.forget(make_settings(tmp_path, events={"keep_days": "2"}))
     assert [row.key for row in IdempotencyKey.select()] == ["kept"]
     assert Delivery.select().count() == 0
+
+
+def test_start_staged_binds_replays_and_refuses_for_any_path_that_staged_a_bundle(ingest_db, tmp_path):
+    """What a finished upload of any kind goes through; without a digest it hashes the staged bundle."""
+    from ingest_service import jobs
+    from ingest_service.services import IngestService
+    from ingest_service.staging import Staging
+    settings = make_settings(tmp_path)
+    staging = Staging(tmp_path / "staging")
+    enqueued: list[int] = []
+    service = IngestService(settings, None, staging, enqueued.append)
+
+    def staged_job(job_id: int, raw: bytes) -> None:
+        jobs.create(job_id)
+        staging.root.mkdir(parents=True, exist_ok=True)
+        staging.bundle_path(job_id).write_bytes(raw)
+
+    key = idempotency.Request(key="tus-1")
+    staged_job(1, b"bundle one")
+    assert service.start_staged(1, None, idempotent=key)["job_id"] == 1
+    staged_job(2, b"bundle one")
+    assert service.start_staged(2, hashlib.sha256(b"bundle one").hexdigest(), idempotent=key)["job_id"] == 1
+    assert jobs.find(2) is None and not staging.bundle_path(2).exists()
+    staged_job(3, b"bundle two")
+    with pytest.raises(idempotency.KeyReused):
+        service.start_staged(3, None, idempotent=key)
+    assert jobs.find(3) is None and not staging.bundle_path(3).exists()
+    assert enqueued == [1]
+    # A job whose queue is unreachable frees its key for the retry.
+    def refuse(_job_id):
+        raise ConnectionError("broker down")
+    service.enqueue = refuse
+    staged_job(4, b"bundle four")
+    with pytest.raises(Exception) as caught:
+        service.start_staged(4, None, idempotent=idempotency.Request(key="tus-4"))
+    assert getattr(caught.value, "code", "") == "broker_unavailable"
+    assert idempotency.find("tus-4", idempotency.ANYONE) is None
+    assert jobs.get(4).state == "FAILED"
