@@ -150,10 +150,11 @@ def _upload(args, settings: Settings, path: Path) -> int:
 
     def open_body():
         from common.hashing import HashingReader
+        bar.show(0)  # a retry starts from the first byte again
         return HashingReader(open(path, "rb"), length=size, on_read=bar.advance)
 
     try:
-        state = client.upload(open_body)
+        state = client.upload(open_body, idempotency_key=args.idempotency_key, dedupe=args.dedupe)
     except LabvaultError as exc:
         bar.close()
         raise CommandError(f"upload failed: {exc.as_exception_text()}{_advice(exc, token)}") from None
@@ -324,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 1 if it failed")
     ingest.add_argument("--token", help="API token when the service runs in token mode (default: $LABVAULT_TOKEN)")
     ingest.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits at most")
+    ingest.add_argument("--idempotency-key", metavar="KEY",
+                        help="name this upload (1 to 200 visible ASCII characters): sent again with the same key, "
+                             "the bundle answers the job it made; the upload is then retried when the connection "
+                             "fails (default: none, sent once)")
+    ingest.add_argument("--dedupe", action="store_true",
+                        help="the bundle's SHA-256 is its idempotency key: the same bytes sent again answer the "
+                             "job they made (and the upload is retried when the connection fails)")
     status = add("status", cmd_status, "Each service up or down, the broker, its queues, the workers, the auth mode; "
                                        "exit 0 only when all are up.")
     status.add_argument("--json", action="store_true", help="one JSON document, for scripts")

@@ -4,6 +4,7 @@ transaction; another bundle under that key is 409; two uploads racing with one k
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import uuid
 
@@ -116,3 +117,19 @@ def test_malformed_idempotency_headers_are_a_fast_400(stack):
         assert answer.status_code == 400, (headers, answer.text)
         assert answer.json()["code"] == code and "Traceback" not in answer.text
     assert total_jobs(stack) == jobs_before
+
+
+def test_labvault_ingest_sends_the_key_or_asks_for_dedupe(stack, tmp_path):
+    bundle = tmp_path / "b.tar"
+    bundle.write_bytes(unique_bundle())
+    url = stack.url("ingest")
+    runs = [stack.cli("ingest", str(bundle), "--url", url, *extra)
+            for extra in (["--dedupe"], ["--dedupe"], ["--idempotency-key", "cli-1"], ["--idempotency-key", "cli-1"])]
+    job_ids = [json.loads(run.stdout.strip().splitlines()[-1])["job_id"] for run in runs]
+    assert job_ids[0] == job_ids[1] and job_ids[2] == job_ids[3] and job_ids[0] != job_ids[2]
+    other = tmp_path / "other.tar"
+    other.write_bytes(unique_bundle("other"))
+    refused = stack.cli("ingest", str(other), "--url", url, "--idempotency-key", "cli-1", check=False)
+    assert refused.returncode == 1 and "idempotency_key_reused" in refused.stderr
+    for job_id in set(job_ids):
+        stack.wait_job(job_id)
