@@ -137,10 +137,16 @@ def signature(computed_id: int, expires: int) -> str:
                     hashlib.sha256).hexdigest()
 
 
+def expiry(seconds: float) -> datetime.datetime:
+    """When a URL issued now for ``seconds`` stops working (naive UTC, whole seconds)."""
+    return datetime.datetime.fromtimestamp(int(time.time() + seconds), datetime.timezone.utc).replace(tzinfo=None)
+
+
 def signed_path(computed_id: int, seconds: float) -> tuple[str, datetime.datetime]:
-    expires = int(time.time() + seconds)
-    return (f"/download/computed/{int(computed_id)}?expires={expires}&signature={signature(computed_id, expires)}",
-            datetime.datetime.fromtimestamp(expires, datetime.timezone.utc).replace(tzinfo=None))
+    expires = expiry(seconds)
+    epoch = int(expires.replace(tzinfo=datetime.timezone.utc).timestamp())
+    return (f"/download/computed/{int(computed_id)}?expires={epoch}&signature={signature(computed_id, epoch)}",
+            expires)
 
 
 def check_signature(computed_id: int, expires: str | None, given: str | None) -> None:
