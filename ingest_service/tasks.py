@@ -11,7 +11,7 @@ from common.access import Directory
 from common.celery_app import RetryLater, celery_for, enqueue, make_celery, shutting_down, task
 from common.db import bind
 from common.errors import LabvaultError
-from common.settings import Settings
+from common.settings import Settings, once_per_settings
 from ingest_service import jobs, models, pipeline, reaper, webhooks
 
 logger = logging.getLogger(__name__)
@@ -23,17 +23,12 @@ DELIVER_EVENT = "ingest.deliver_event"
 
 # Per worker process and settings object. Each entry keeps its settings object alive, so
 # no later settings object can reuse its id() and be taken for it (tests build many).
-_contexts: dict[int, tuple[Settings, pipeline.IngestContext]] = {}
-
-
+@once_per_settings
 def context_for(settings: Settings) -> pipeline.IngestContext:
     """One context (database binding, HTTP session) per worker process and settings."""
-    entry = _contexts.get(id(settings))
-    if entry is None:
-        bind(models.database, settings.database_url("ingest"))
-        entry = _contexts[id(settings)] = (settings, pipeline.IngestContext.from_settings(
-            settings, time_limits=(SoftTimeLimitExceeded,), stopping=shutting_down))
-    return entry[1]
+    bind(models.database, settings.database_url("ingest"))
+    return pipeline.IngestContext.from_settings(settings, time_limits=(SoftTimeLimitExceeded,),
+                                                stopping=shutting_down)
 
 
 def enqueue_job(app: Celery, job_id: int) -> None:
