@@ -153,7 +153,10 @@ def _upload(args, settings: Settings, path: Path) -> int:
         return HashingReader(open(path, "rb"), length=size, on_read=bar.advance)
 
     try:
-        state = client.upload(open_body)
+        if args.resumable or size > settings.getint("ingest", "resumable_above"):
+            state = _resumable_upload(args, settings, client, path, bar)
+        else:
+            state = client.upload(open_body)
     except LabvaultError as exc:
         bar.close()
         raise CommandError(f"upload failed: {exc.as_exception_text()}{_advice(exc, token)}") from None
@@ -162,6 +165,24 @@ def _upload(args, settings: Settings, path: Path) -> int:
         print(json.dumps(state))
         return 0
     return _follow(client, int(state["job_id"]), args.timeout)
+
+
+def _resumable_upload(args, settings: Settings, client: IngestClient, path: Path, bar: "ProgressBar") -> dict:
+    """Send ``path`` as a resumable (tus) upload, resuming by itself after breaks; the job's state."""
+    from common.tus import ResumableUpload, default_state_dir
+
+    def say(text: str) -> None:
+        if bar.enabled:
+            bar.stream.write("\n")
+        print(f"labvault ingest: {text}", file=sys.stderr, flush=True)
+
+    upload = ResumableUpload(client.base_url, path, session=client.session, headers=client.headers,
+                             timeout=client.timeout, state_dir=default_state_dir(),
+                             chunk_size=args.chunk_size or settings.getint("ingest", "upload_chunk_bytes"),
+                             on_offset=bar.show, on_sent=bar.advance, say=say)
+    print(f"labvault ingest: resumable upload of {upload.size} bytes", file=sys.stderr)
+    job_id = upload.run()
+    return client.get_state(job_id)
 
 
 def _advice(error: LabvaultError, token: str | None) -> str:
@@ -324,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 1 if it failed")
     ingest.add_argument("--token", help="API token when the service runs in token mode (default: $LABVAULT_TOKEN)")
     ingest.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits at most")
+    ingest.add_argument("--resumable", action="store_true",
+                        help="send as a resumable upload whatever the size (default: only above "
+                             "[ingest] resumable_above bytes)")
+    ingest.add_argument("--chunk-size", type=int, help="bytes per PATCH of a resumable upload "
+                                                        "(default: [ingest] upload_chunk_bytes)")
     status = add("status", cmd_status, "Each service up or down, the broker, its queues, the workers, the auth mode; "
                                        "exit 0 only when all are up.")
     status.add_argument("--json", action="store_true", help="one JSON document, for scripts")

@@ -54,6 +54,28 @@ class ApiToken(peewee.Model):
         table_name = "ingest_api_token"
 
 
+class ResumableUpload(peewee.Model):
+    """A resumable (tus) upload: its bytes arrive in PATCHes at ``offset`` into a part file on the
+    staging volume (``Staging.upload_part``) until ``length``; then it becomes job ``job_id``."""
+
+    upload_id = peewee.CharField(max_length=64, primary_key=True)
+    # The authenticated user who created it; None in open mode. Only they may go on with it.
+    owner = peewee.BigIntegerField(null=True, index=True)
+    length = peewee.BigIntegerField()
+    # Bytes durably on the staging volume (fsynced before this is stored).
+    offset = peewee.BigIntegerField(default=0)
+    # The Upload-Metadata header as the client sent it (tus clients read it back on HEAD).
+    metadata = peewee.TextField(default="")
+    created = peewee.DateTimeField(default=utcnow)
+    # Past this an unfinished upload is gone (410), and the reaper removes its bytes.
+    expires = peewee.DateTimeField(index=True)
+    job_id = peewee.BigIntegerField(null=True)
+
+    class Meta:
+        database = database
+        table_name = "ingest_resumable_upload"
+
+
 def _job_table_v1_0() -> type[peewee.Model]:
     """The job table as schema 1.0 created it, frozen: step 1.0 must build what 1.0 had, or
     step 1.1 would find its columns already there on a new database."""
@@ -94,4 +116,5 @@ def _claims_owner_and_tokens(db: peewee.Database) -> None:
 SCHEMA = Schema("ingest", [
     Migration((1, 0), "job table", create_tables(_job_table_v1_0())),
     Migration((1, 1), "job claims, heartbeats and owners; API tokens", _claims_owner_and_tokens),
+    Migration((1, 2), "resumable (tus) uploads", create_tables(ResumableUpload)),
 ])

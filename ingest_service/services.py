@@ -39,10 +39,8 @@ class IngestService:
         """Stream a bundle to the staging volume as a new job of ``identity`` and enqueue it; returns the state."""
         if length is not None and length > self.max_bundle_bytes:
             raise PayloadTooLarge(f"bundle of {length} bytes is larger than the limit of {self.max_bundle_bytes}")
-        job_id = self.metadata.getid("upload_job", 1)
-        jobs.create(job_id, kind="upload", owner=identity.user)
-        self._stage(job_id, lambda: self.staging.receive(job_id, read, self.max_bundle_bytes, expected=length))
-        return self._start(job_id)
+        return self.create_job(identity, lambda job_id: self.staging.receive(
+            job_id, read, self.max_bundle_bytes, expected=length))
 
     def move(self, document, identity: Identity = OPEN) -> dict:
         """Accept a metadata list whose Files carry server-local ``source`` paths."""
@@ -50,10 +48,20 @@ class IngestService:
         for entry in document:
             if entry.get("destinationTable") == "Files" and isinstance(entry.get("source"), str):
                 self._check_move_source(entry["source"])
-        job_id = self.metadata.getid("upload_job", 1)
-        jobs.create(job_id, kind="move", owner=identity.user)
         raw = json.dumps(document).encode("utf-8")
-        self._stage(job_id, lambda: self.staging.receive(job_id, io.BytesIO(raw).read, len(raw), suffix=".json"))
+        return self.create_job(identity, lambda job_id: self.staging.receive(
+            job_id, io.BytesIO(raw).read, len(raw), suffix=".json"), kind="move")
+
+    def create_job(self, identity: Identity, stage: Callable[[int], object], kind: str = "upload",
+                   job_id: int | None = None) -> dict:
+        """The one way a job comes to be (``POST /ingest``, ``POST /move``, a finished resumable upload):
+        a new job of ``identity`` at ``UPLOADING``, whose bundle ``stage(job_id)`` puts on the staging
+        volume, then enqueued; returns its state. ``job_id``: one allocated beforehand (a resumable
+        upload records it first, so a crash in between cannot lose which job its bytes became)."""
+        if job_id is None:
+            job_id = self.metadata.getid("upload_job", 1)
+        jobs.create(job_id, kind=kind, owner=identity.user)
+        self._stage(job_id, lambda: stage(job_id))
         return self._start(job_id)
 
     def state(self, job_id: int, identity: Identity = OPEN) -> dict:
@@ -72,7 +80,7 @@ class IngestService:
             raise Forbidden(f"source {source[:200]!r} is not under an allowed move root",
                             code="path_not_allowed")
 
-    def _stage(self, job_id: int, receive: Callable[[], int]) -> None:
+    def _stage(self, job_id: int, receive: Callable[[], object]) -> None:
         """Run ``receive``; if it fails, the job is FAILED at UPLOADING with its code, and it raises.
 
         Staging sorts out its own failures (413, ``upload_interrupted``,
