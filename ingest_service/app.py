@@ -88,13 +88,18 @@ class ResumableUploads:
     @cherrypy.config(**{"request.process_request_body": False})
     def POST(self, *path, **_params):  # noqa: N802
         headers, request = _tus_answer(), cherrypy.serving.request
-        if path:
-            raise NotFound("create an upload with POST /uploads/", code="not_found")
-        if parse_length(request.headers.get("Content-Length")) or "Transfer-Encoding" in request.headers:
+        try:
+            identity = _identify(self.identities)  # first: a stranger learns nothing else
+            if path:
+                raise NotFound("create an upload with POST /uploads/", code="not_found")
+            if parse_length(request.headers.get("Content-Length")) or "Transfer-Encoding" in request.headers:
+                raise BadRequest("creating an upload takes no body: send the bytes with PATCH",
+                                 code="unexpected_body")
+            resumable.check_version(request.headers.get("Tus-Resumable"))
+        except LabvaultError:
             _close_unread()
-            raise BadRequest("creating an upload takes no body: send the bytes with PATCH", code="unexpected_body")
-        resumable.check_version(request.headers.get("Tus-Resumable"))
-        row = self.uploads.create(_identify(self.identities), request.headers.get("Upload-Length"),
+            raise
+        row = self.uploads.create(identity, request.headers.get("Upload-Length"),
                                   request.headers.get("Upload-Metadata"), request.headers.get("Upload-Defer-Length"))
         location = f"{request.script_name}/uploads/{row.upload_id}"
         headers.update({"Location": location, "Upload-Offset": "0",
@@ -103,8 +108,9 @@ class ResumableUploads:
 
     def HEAD(self, *path, **_params):  # noqa: N802
         headers, request = _tus_answer(), cherrypy.serving.request
+        identity = _identify(self.identities)
         resumable.check_version(request.headers.get("Tus-Resumable"))
-        row = self.uploads.find(_upload_id(path), _identify(self.identities))
+        row = self.uploads.find(_upload_id(path), identity)
         headers.update({"Upload-Offset": str(self.uploads.offset(row)), "Upload-Length": str(row.length),
                         "Cache-Control": "no-store"})
         if row.metadata:
@@ -119,11 +125,11 @@ class ResumableUploads:
     def PATCH(self, *path, **_params):  # noqa: N802
         headers, request = _tus_answer(), cherrypy.serving.request
         try:
+            identity = _identify(self.identities)
             resumable.check_version(request.headers.get("Tus-Resumable"))
             content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if content_type != resumable.PATCH_TYPE:
                 raise resumable.UnsupportedMediaType(f"a PATCH body is Content-Type: {resumable.PATCH_TYPE}")
-            identity = _identify(self.identities)
             chunk = resumable.Chunk(offset=resumable.parse_number("upload_offset", request.headers.get("Upload-Offset")),
                                     length=parse_length(request.headers.get("Content-Length")),
                                     read=request.rfile.read,
@@ -142,8 +148,9 @@ class ResumableUploads:
 
     def DELETE(self, *path, **_params):  # noqa: N802
         _tus_answer()
+        identity = _identify(self.identities)
         resumable.check_version(cherrypy.serving.request.headers.get("Tus-Resumable"))
-        self.uploads.terminate(_upload_id(path), _identify(self.identities))
+        self.uploads.terminate(_upload_id(path), identity)
         cherrypy.serving.response.status = 204
         return b""
 
