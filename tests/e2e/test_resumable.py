@@ -35,8 +35,11 @@ class CuttingProxy:
     service (``forwarded``); ``cut_at``: once that many are through, every open connection is cut
     (both sides), once."""
 
-    def __init__(self, target_port: int, cut_at: int | None = None):
-        self.target_port, self.cut_at = target_port, cut_at
+    def __init__(self, target_port: int, cut_at: int | None = None, hold_at: int | None = None):
+        self.target_port, self.cut_at, self.hold_at = target_port, cut_at, hold_at
+        # Past ``hold_at`` bytes nothing more goes through until ``released`` (while the service restarts).
+        self.held = threading.Event()
+        self.released = threading.Event()
         self.forwarded = 0
         self.cuts = 0
         self.lock = threading.Lock()
@@ -81,6 +84,9 @@ class CuttingProxy:
                     if cut:
                         self.cut_all()
                         return
+                    if self.hold_at is not None and self.forwarded >= self.hold_at and not self.released.is_set():
+                        self.held.set()
+                        self.released.wait(timeout=300)
         except OSError:
             pass
         finally:
@@ -122,11 +128,15 @@ def big(tmp_path_factory):
     return large_bundle(tmp_path_factory.mktemp("big"), mib_per_file=50, files=6)
 
 
-def restart_at(stack, proxy: CuttingProxy, at: int) -> threading.Thread:
-    """Restart the suite (stop, start on the same data directory) once ``at`` bytes went through."""
+def restart_when_held(stack, proxy: CuttingProxy) -> threading.Thread:
+    """Restart the suite (stop, start on the same data directory) once the proxy holds the bytes
+    past its ``hold_at``: the ingest service goes down in the middle of a PATCH."""
     def run():
-        wait_for(lambda: proxy.forwarded >= at, timeout=600, interval=0.02, message="80 % of the bytes")
-        stack.stop()
+        proxy.held.wait(timeout=600)
+        try:
+            stack.stop()
+        finally:
+            proxy.released.set()
         stack.start()
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -145,8 +155,8 @@ def resent(proxy: CuttingProxy, size: int) -> int:
 def test_labvault_ingest_resumes_after_a_cut_and_a_restart(resuming, big, tmp_path):
     bundle, expected = big
     size = bundle.stat().st_size
-    proxy = CuttingProxy(resuming.settings.getint("ingest", "port"), cut_at=int(size * 0.4))
-    restarter = restart_at(resuming, proxy, int(size * 0.8))
+    proxy = CuttingProxy(resuming.settings.getint("ingest", "port"), cut_at=int(size * 0.4), hold_at=int(size * 0.8))
+    restarter = restart_when_held(resuming, proxy)
     started = time.monotonic()
     try:
         done = subprocess.run([sys.executable, "-m", "common.cli", "ingest", str(bundle), "--url", proxy.url,
@@ -173,8 +183,8 @@ def test_tuspy_resumes_after_a_cut_and_a_restart(resuming, big):
     from tusclient import client as tus
     bundle, expected = big
     size = bundle.stat().st_size
-    proxy = CuttingProxy(resuming.settings.getint("ingest", "port"), cut_at=int(size * 0.4))
-    restarter = restart_at(resuming, proxy, int(size * 0.8))
+    proxy = CuttingProxy(resuming.settings.getint("ingest", "port"), cut_at=int(size * 0.4), hold_at=int(size * 0.8))
+    restarter = restart_when_held(resuming, proxy)
     started = time.monotonic()
     try:
         uploader = tus.TusClient(proxy.url + "/uploads/").uploader(
