@@ -314,3 +314,21 @@ def test_restart_trusts_only_fsynced_offsets_and_cuts_extra_bytes(tmp_path):
         assert error.value.code == "offset_mismatch"
         updated, _ = uploads.append(row.upload_id, Identity(None), resumable.Chunk(30, 2, io.BytesIO(b"pp").read))
         assert updated.offset == 32
+
+
+def test_a_stock_tus_client_uploads_a_bundle_that_becomes_a_job(stack, tmp_path):
+    """Through the suite's own servers in both worlds (CherryPy's, and uWSGI with PostgreSQL)."""
+    from tusclient import client as tus
+    payload = {"tuspy/a.bin": bytes(range(256)) * 3000, "tuspy/b.txt": b"resumable\n"}
+    bundle = tmp_path / "bundle.tar"
+    bundle.write_bytes(payload_bundle(payload))
+    uploader = tus.TusClient(stack.url("ingest") + "/uploads/").uploader(
+        str(bundle), chunk_size=200_000, upload_checksum=True, metadata={"filename": "bundle.tar"})
+    uploader.upload()
+    job_id = int(uploader.request.response_headers["labvault-job-id"])
+    final = stack.wait_job(job_id)
+    assert (final["state"], final["task"], final["task_percent"]) == ("OK", "ingest metadata", "100"), final
+    assert requests.get(uploader.url, timeout=10).json()["job_id"] == job_id
+    rows = requests.get(f"{stack.url('metadata')}/files", params={"transaction": job_id}, timeout=10).json()
+    assert {f"{row['subdir']}/{row['name']}": requests.get(f"{stack.url('archive')}/{row['_id']}", timeout=30).content
+            for row in rows} == payload
