@@ -104,6 +104,8 @@ class ResumableUploads:
         location = f"{request.script_name}/uploads/{row.upload_id}"
         headers.update({"Location": location, "Upload-Offset": "0",
                         "Upload-Expires": resumable.http_date(row.expires)})
+        if row.job_id is not None:  # nothing to send: it is a job already
+            headers[resumable.JOB_HEADER] = str(row.job_id)
         return json_body(_upload_document(row, 0, location), status=201)
 
     def HEAD(self, *path, **_params):  # noqa: N802
@@ -185,7 +187,7 @@ def _upload_id(path: tuple) -> str:
 
 def _upload_document(row, offset: int, location: str) -> dict:
     return {"upload_id": row.upload_id, "location": location, "length": int(row.length), "offset": offset,
-            "expires": str(row.expires), "job_id": None}
+            "expires": str(row.expires), "job_id": None if row.job_id is None else int(row.job_id)}
 
 
 class Move:

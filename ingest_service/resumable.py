@@ -181,6 +181,9 @@ class Uploads:
         except BaseException:
             ResumableUpload.delete().where(ResumableUpload.upload_id == row.upload_id).execute()
             raise
+        if length == 0:  # complete as it is: no PATCH will come (tus clients send none)
+            self._finish(row, identity)
+            row = ResumableUpload.get_by_id(row.upload_id)
         return row
 
     def find(self, upload_id: str, identity: Identity, unfinished_only: bool = True) -> ResumableUpload:

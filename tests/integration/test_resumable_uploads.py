@@ -175,6 +175,15 @@ def test_the_last_chunk_makes_the_job_as_post_ingest_does(ingest):
     assert len(broker.sent) == 1
 
 
+def test_an_empty_upload_is_a_job_at_creation(ingest):
+    url, staging, broker = ingest
+    upload, response = create(url, 0)
+    job_id = int(response.headers["Labvault-Job-Id"])
+    assert response.json()["job_id"] == job_id and broker.sent == [("ingest.process_job", [job_id])]
+    assert staging.bundle_path(job_id).read_bytes() == b""
+    assert requests.get(upload, timeout=10).json()["job_id"] == job_id
+
+
 def raw_patch(url: str, upload: str, offset: int, declared: int, sent: bytes) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     path = upload.removeprefix(url)
@@ -219,12 +228,12 @@ def test_a_second_writer_is_refused_while_the_first_writes(ingest):
         def locked():
             response = patch(upload, 0, b"g" * 10)
             return [response] if response.status_code == 423 else None  # a 4xx Response is falsy
-        response, = wait_for(locked, timeout=10, message="a 423")
+        response, = wait_for(locked, timeout=30, message="a 423")
         error_of(response, 423, "upload_locked")
         assert response.headers["Retry-After"]
     finally:
         sock.close()
-    wait_for(lambda: offset_of(upload) == 1000, timeout=10, message="the first writer's bytes")
+    wait_for(lambda: offset_of(upload) == 1000, timeout=30, message="the first writer's bytes")
 
 
 def test_termination_removes_the_upload_and_its_bytes(ingest):
