@@ -341,3 +341,27 @@ def test_a_stock_tus_client_uploads_a_bundle_that_becomes_a_job(stack, tmp_path)
     rows = requests.get(f"{stack.url('metadata')}/files", params={"transaction": job_id}, timeout=10).json()
     assert {f"{row['subdir']}/{row['name']}": requests.get(f"{stack.url('archive')}/{row['_id']}", timeout=30).content
             for row in rows} == payload
+
+
+def test_the_command_line_client_sends_in_chunks_and_forgets_the_finished_upload(ingest, tmp_path):
+    from common.clients import make_session
+    from common.errors import LabvaultError
+    from common.tus import ResumableUpload
+    url, staging, broker = ingest
+    raw = payload_bundle({"client/a.bin": b"r" * 300_000})
+    bundle = tmp_path / "bundle.tar"
+    bundle.write_bytes(raw)
+    offsets, sent = [], []
+    upload = ResumableUpload(url, bundle, session=make_session(), headers={}, timeout=(5, 30), chunk_size=65_536,
+                             state_dir=tmp_path / "state", on_offset=offsets.append, on_sent=sent.append)
+    job_id = upload.run()
+    assert broker.sent == [("ingest.process_job", [job_id])]
+    assert staging.bundle_path(job_id).read_bytes() == raw
+    assert offsets == [0] and sum(sent) == len(raw)
+    assert not list((tmp_path / "state").glob("*.json"))
+    big = tmp_path / "big.tar"
+    with open(big, "wb") as handle:
+        handle.truncate(LIMIT + 1)
+    with pytest.raises(LabvaultError) as refused:
+        ResumableUpload(url, big, session=make_session(), headers={}, timeout=(5, 30), chunk_size=65_536).run()
+    assert (refused.value.status, refused.value.code) == (413, "payload_too_large")
