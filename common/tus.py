@@ -149,7 +149,12 @@ class ResumableUpload:
         if response.status_code in TRANSIENT:
             raise _Transient(f"the ingest service answered {response.status_code}")
         if response.status_code >= 400:
-            raise _error(response)
+            error = _error(response)
+            if error.code == "upload_interrupted":
+                # The body stopped arriving (at either end: a service shutting down stops reading);
+                # what arrived is kept.
+                raise _Transient(f"the chunk was cut short ({error.message})")
+            raise error
         return response
 
     def _create(self) -> str:
