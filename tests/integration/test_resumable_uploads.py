@@ -2,8 +2,9 @@
 core, creation, termination, expiration and checksum extensions define, identity, partial
 chunks, one writer at a time, and expiry.
 
-The ingest application runs in-process on a real server with a small bundle limit (no broker:
-the jobs are only recorded as sent); job ids come from the session stack's metadata service.
+The ingest and metadata applications run in-process on real servers, on SQLite, with a small
+bundle limit (no broker: the jobs are only recorded as sent). The last test sends a bundle with
+a stock tus client through the whole suite, in both worlds.
 """
 import base64
 import datetime
@@ -16,7 +17,7 @@ import time
 import pytest
 import requests
 
-from common import migrations
+from common import migrations, registry
 from common.auth import Identity
 from common.db import bind
 from ingest_service import models, resumable
@@ -30,6 +31,18 @@ TUS = {"Tus-Resumable": "1.0.0"}
 PATCH = {**TUS, "Content-Type": "application/offset+octet-stream"}
 
 
+@pytest.fixture(scope="module")
+def metadata_url(tmp_path_factory):
+    """A metadata service of the module's own (job ids come from it)."""
+    settings = make_settings(tmp_path_factory.mktemp("metadata"))
+    metadata = registry.get("metadata")
+    db, schema = metadata.database(settings)
+    with db.connection_context():
+        migrations.sync(db, schema)
+    with serve_wsgi(metadata.build_app(settings)) as url:
+        yield url
+
+
 def start(settings):
     migrations.sync(bind(models.database, settings.database_url("ingest")), models.SCHEMA)
     broker = NoBroker()
@@ -37,10 +50,8 @@ def start(settings):
 
 
 @pytest.fixture
-def ingest(stack, tmp_path):
-    if stack.settings.database_url("ingest").startswith("postgres"):
-        pytest.skip("the protocol runs in-process on SQLite; the production world is covered by the stack tests")
-    settings = make_settings(tmp_path, ingest={"max_bundle_bytes": LIMIT}, metadata={"url": stack.url("metadata")})
+def ingest(metadata_url, tmp_path):
+    settings = make_settings(tmp_path, ingest={"max_bundle_bytes": LIMIT}, metadata={"url": metadata_url})
     broker, server = start(settings)
     with server as url:
         yield url, Staging(settings.path("ingest", "staging_dir")), broker
@@ -255,11 +266,9 @@ def test_unknown_or_malformed_ids_are_404(ingest, upload_id):
     assert requests.get(url + "/uploads/" + upload_id, timeout=10).json()["code"] == "upload_not_found"
 
 
-def test_an_expired_upload_is_410_and_the_reaper_removes_row_and_bytes(stack, tmp_path):
-    if stack.settings.database_url("ingest").startswith("postgres"):
-        pytest.skip("in-process on SQLite")
+def test_an_expired_upload_is_410_and_the_reaper_removes_row_and_bytes(metadata_url, tmp_path):
     settings = make_settings(tmp_path, ingest={"upload_expiry_hours": "0.0003"},  # about a second
-                             metadata={"url": stack.url("metadata")})
+                             metadata={"url": metadata_url})
     _, server = start(settings)
     staging = Staging(settings.path("ingest", "staging_dir"))
     with server as url:
@@ -276,10 +285,8 @@ def test_an_expired_upload_is_410_and_the_reaper_removes_row_and_bytes(stack, tm
         assert requests.head(upload, headers=TUS, timeout=10).status_code == 404
 
 
-def test_in_token_mode_only_the_creator_may_go_on(stack, tmp_path):
-    if stack.settings.database_url("ingest").startswith("postgres"):
-        pytest.skip("in-process on SQLite")
-    settings = make_settings(tmp_path, auth={"mode": "token"}, metadata={"url": stack.url("metadata")})
+def test_in_token_mode_only_the_creator_may_go_on(metadata_url, tmp_path):
+    settings = make_settings(tmp_path, auth={"mode": "token"}, metadata={"url": metadata_url})
     _, server = start(settings)
     with models.database.connection_context():
         mine, theirs = create_token(10), create_token(11)
