@@ -178,6 +178,18 @@ class ArchiveClient(ServiceClient):
                 return False
             raise
 
+    def presigned_url(self, file_id: int, seconds: int, filename: str | None = None) -> str | None:
+        """A URL serving the file without labvault (S3), or None when the archive serves its files itself."""
+        params = {"expires": int(seconds)}
+        if filename:
+            params["filename"] = filename
+        try:
+            return self.request("GET", f"/presign/{int(file_id)}", params=params).json()["url"]
+        except LabvaultError as exc:
+            if exc.code == "presign_unsupported":
+                return None
+            raise
+
     def fixity_summary(self) -> dict:
         """The archive's fixity summary (``GET /fixity/summary``); 404 when it keeps none."""
         return self.request("GET", "/fixity/summary", retries=0).json()

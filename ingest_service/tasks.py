@@ -8,7 +8,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from common.celery_app import RetryLater, celery_for, enqueue, make_celery, shutting_down, task
 from common.db import bind
-from common.settings import Settings
+from common.settings import Settings, once_per_settings
 from ingest_service import jobs, models, pipeline, reaper
 
 PROCESS_JOB = "ingest.process_job"
@@ -16,17 +16,12 @@ REAP_JOBS = "ingest.reap_jobs"
 
 # Per worker process and settings object. Each entry keeps its settings object alive, so
 # no later settings object can reuse its id() and be taken for it (tests build many).
-_contexts: dict[int, tuple[Settings, pipeline.IngestContext]] = {}
-
-
+@once_per_settings
 def context_for(settings: Settings) -> pipeline.IngestContext:
     """One context (database binding, HTTP session) per worker process and settings."""
-    entry = _contexts.get(id(settings))
-    if entry is None:
-        bind(models.database, settings.database_url("ingest"))
-        entry = _contexts[id(settings)] = (settings, pipeline.IngestContext.from_settings(
-            settings, time_limits=(SoftTimeLimitExceeded,), stopping=shutting_down))
-    return entry[1]
+    bind(models.database, settings.database_url("ingest"))
+    return pipeline.IngestContext.from_settings(settings, time_limits=(SoftTimeLimitExceeded,),
+                                                stopping=shutting_down)
 
 
 def enqueue_job(app: Celery, job_id: int) -> None:
