@@ -124,6 +124,28 @@ class Delivery(peewee.Model):
         table_name = "ingest_webhook_delivery"
 
 
+class ResumableUpload(peewee.Model):
+    """A resumable (tus) upload: its bytes arrive in PATCHes at ``offset`` into a part file on the
+    staging volume (``Staging.upload_part``) until ``length``; then it becomes job ``job_id``."""
+
+    upload_id = peewee.CharField(max_length=64, primary_key=True)
+    # The authenticated user who created it; None in open mode. Only they may go on with it.
+    owner = peewee.BigIntegerField(null=True, index=True)
+    length = peewee.BigIntegerField()
+    # Bytes durably on the staging volume (fsynced before this is stored).
+    offset = peewee.BigIntegerField(default=0)
+    # The Upload-Metadata header as the client sent it (tus clients read it back on HEAD).
+    metadata = peewee.TextField(default="")
+    created = peewee.DateTimeField(default=utcnow)
+    # Past this an unfinished upload is gone (410), and the reaper removes its bytes.
+    expires = peewee.DateTimeField(index=True)
+    job_id = peewee.BigIntegerField(null=True)
+
+    class Meta:
+        database = database
+        table_name = "ingest_resumable_upload"
+
+
 def _job_table_v1_0() -> type[peewee.Model]:
     """The job table as schema 1.0 created it, frozen: step 1.0 must build what 1.0 had, or
     step 1.1 would find its columns already there on a new database."""
@@ -172,4 +194,5 @@ SCHEMA = Schema("ingest", [
     Migration((1, 1), "job claims, heartbeats and owners; API tokens", _claims_owner_and_tokens),
     Migration((1, 2), "job projects; idempotency keys; webhook subscriptions and deliveries",
               _idempotency_and_webhooks),
+    Migration((1, 3), "resumable (tus) uploads", create_tables(ResumableUpload)),
 ])

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.errors import LabvaultError
-from ingest_service import idempotency, jobs, pipeline, webhooks
+from ingest_service import idempotency, jobs, pipeline, resumable, webhooks
 from ingest_service.cleanup import sweep_pending_deletes
 from ingest_service.models import Job
 
@@ -49,10 +49,12 @@ class Reaped:
 def run(context: pipeline.IngestContext, enqueue: Callable[[int], None],
         stale_before: datetime.datetime | None = None) -> list[Reaped]:
     """The reaper's one entry point: settle quiet jobs (``reap``), finish the archive deletions
-    failed jobs had to leave (``cleanup.sweep_pending_deletes``), and forget what expired
-    (idempotency keys, old webhook delivery records)."""
+    failed jobs had to leave (``cleanup.sweep_pending_deletes``), remove resumable uploads past
+    their expiry, rows and bytes (``resumable.expire``), and forget what expired (idempotency
+    keys, old webhook delivery records)."""
     reaped = reap(context, enqueue, stale_before)
     sweep_pending_deletes(context.staging, context.archive)
+    resumable.expire(context.staging)
     forget(context.settings)
     return reaped
 

@@ -55,12 +55,33 @@ class IngestService:
                 digest = hashlib.sha256()
                 read_body(read, self.max_bundle_bytes, length, digest.update)
                 return self.state(idempotency.check(bound, digest.hexdigest()), identity)
-        job_id = self.metadata.getid("upload_job", 1)
-        jobs.create(job_id, kind="upload", owner=identity.user)
         digest = hashlib.sha256()
-        self._stage(job_id, lambda: self.staging.receive(job_id, read, self.max_bundle_bytes, expected=length,
-                                                         digest=digest))
-        return self.start_staged(job_id, digest.hexdigest(), identity, idempotent)
+        return self.create_job(identity, lambda job_id: self.staging.receive(
+            job_id, read, self.max_bundle_bytes, expected=length, digest=digest),
+            digest=digest, idempotent=idempotent)
+
+    def move(self, document, identity: Identity = OPEN) -> dict:
+        """Accept a metadata list whose Files carry server-local ``source`` paths."""
+        document = check_document(document)
+        for entry in document:
+            if entry.get("destinationTable") == "Files" and isinstance(entry.get("source"), str):
+                self._check_move_source(entry["source"])
+        raw = json.dumps(document).encode("utf-8")
+        return self.create_job(identity, lambda job_id: self.staging.receive(
+            job_id, io.BytesIO(raw).read, len(raw), suffix=".json"), kind="move")
+
+    def create_job(self, identity: Identity, stage: Callable[[int], object], kind: str = "upload",
+                   job_id: int | None = None, digest=None, idempotent: idempotency.Request | None = None) -> dict:
+        """The one way a job comes to be (``POST /ingest``, ``POST /move``, a finished resumable upload):
+        a new job of ``identity`` at ``UPLOADING``, whose bundle ``stage(job_id)`` puts on the staging
+        volume, then ``start_staged``; returns its state. ``job_id``: one allocated beforehand (a
+        resumable upload records it first, so a crash in between cannot lose which job its bytes
+        became). ``digest``: the hasher ``stage`` fed with the bundle's bytes, if it had one."""
+        if job_id is None:
+            job_id = self.metadata.getid("upload_job", 1)
+        jobs.create(job_id, kind=kind, owner=identity.user)
+        self._stage(job_id, lambda: stage(job_id))
+        return self.start_staged(job_id, None if digest is None else digest.hexdigest(), identity, idempotent)
 
     def start_staged(self, job_id: int, digest: str | None, identity: Identity = OPEN,
                      idempotent: idempotency.Request | None = None) -> dict:
@@ -91,18 +112,6 @@ class IngestService:
         self.staging.discard(job_id)
         jobs.delete(job_id)
         return self.state(idempotency.check(binding, digest), identity)
-
-    def move(self, document, identity: Identity = OPEN) -> dict:
-        """Accept a metadata list whose Files carry server-local ``source`` paths."""
-        document = check_document(document)
-        for entry in document:
-            if entry.get("destinationTable") == "Files" and isinstance(entry.get("source"), str):
-                self._check_move_source(entry["source"])
-        job_id = self.metadata.getid("upload_job", 1)
-        jobs.create(job_id, kind="move", owner=identity.user)
-        raw = json.dumps(document).encode("utf-8")
-        self._stage(job_id, lambda: self.staging.receive(job_id, io.BytesIO(raw).read, len(raw), suffix=".json"))
-        return self._start(job_id)
 
     def _bind(self, key: str, uploader: int, digest: str, job_id: int):
         binding = idempotency.bind(key, uploader, digest, job_id, self.idempotency_hours)
@@ -141,7 +150,7 @@ class IngestService:
             raise Forbidden(f"source {source[:200]!r} is not under an allowed move root",
                             code="path_not_allowed")
 
-    def _stage(self, job_id: int, receive: Callable[[], int]) -> None:
+    def _stage(self, job_id: int, receive: Callable[[], object]) -> None:
         """Run ``receive``; if it fails, the job is FAILED at UPLOADING with its code, and it raises.
 
         Staging sorts out its own failures (413, ``upload_interrupted``,

@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 PENDING_DELETES = "pending-deletes"
+UPLOADS = "uploads"
 
 
 class Staging:
@@ -89,6 +90,25 @@ class Staging:
             part.unlink(missing_ok=True)
             raise
         return total
+
+    # -- resumable uploads -----------------------------------------------------------
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.root / UPLOADS
+
+    def upload_part(self, upload_id: str) -> Path:
+        """Where the bytes of resumable upload ``upload_id`` (hex, checked by the caller) collect."""
+        return self.uploads_dir / f"{upload_id}.part"
+
+    def adopt(self, job_id: int, part: Path) -> int:
+        """Make the whole bytes at ``part`` (a finished resumable upload, on this volume) the staged
+        bundle of ``job_id``: one rename, so the bundle is whole or absent; returns its size."""
+        final = self.bundle_path(job_id)
+        with _disk_errors():
+            size = part.stat().st_size
+            os.replace(part, final)
+        return size
 
     def discard(self, job_id: int) -> None:
         """Remove everything staged for ``job_id`` (no error when nothing is there)."""
