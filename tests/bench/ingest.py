@@ -542,26 +542,30 @@ class Deployment:
     notes: list[str] = field(default_factory=list)
 
 
-def run_case(deployment: Deployment, case: Case, bundle: Path, get_state_poller: bool = False) -> dict:
-    """One ingest of ``bundle``: accept and end-to-end seconds, per-process CPU and peak RSS."""
+def run_case(deployment: Deployment, case: Case, bundle: Path, poll_seconds: float = 0.0) -> dict:
+    """One ingest of ``bundle``: accept and end-to-end seconds, per-process CPU and peak RSS; with
+    ``poll_seconds``, another process asks ``GET /get_state`` as fast as it can for that long."""
     client = Client(deployment.url, deployment.token)
-    poller = None
+    poller = gets = None
     with Monitor(deployment.roles) as monitor:
         wall0, start = time.time(), time.monotonic()
         state = client.post(bundle)
         accept = time.monotonic() - start
         job_id = state["job_id"]
-        if get_state_poller:
+        if poll_seconds:
             poller = StatePoller(deployment.url, job_id, deployment.token).start()
         # Polled gently (its cost lands on the ingest service); the end time is the job's own
         # `updated` when the server shares this clock, so the poll interval does not count.
         interval = 0.02
         while not state.get("complete"):
+            if poller and time.monotonic() - start > poll_seconds:
+                gets, poller = poller.stop(), None
             time.sleep(interval)
             interval = min(interval * 1.5, 0.25)
             state = client.state(job_id)
         observed = time.monotonic() - start
-    gets = poller.stop() if poller else None
+    if poller:
+        gets = poller.stop()
     if state["state"] != "OK":
         raise SystemExit(f"case {case.label}: job {job_id} {state['state']} at {state['task']!r}: "
                          f"{state['exception']}")
@@ -634,11 +638,15 @@ def started(kind: str, folder: Path, workers: int, concurrency: int):
         stack.start()
         stack.cli("seed", str(FIXTURES / "metadata-seed"))
         if kind == "production":
-            roles = {name: [process.pid] for name, process in stack.services.items()}
-            roles["worker"] = stack.worker_pids()
+            pids = {name: [process.pid] for name, process in stack.services.items()}
+            pids["worker"] = stack.worker_pids()
+            roles = {role: pids[role] for role in ROLES + OTHER_ROLES if role in pids}
+            roles.update(pids)
         else:
             run_dir = stack.settings.data_dir / "run"
-            roles = {path.stem: [int(path.read_text())] for path in run_dir.glob("*.pid")}
+            pids = {path.stem: [int(path.read_text())] for path in run_dir.glob("*.pid")}
+            roles = {role: pids[role] for role in ROLES + OTHER_ROLES if role in pids}
+            roles.update(pids)  # a plug-in's service too
         yield stack, roles
     finally:
         stack.stop()
@@ -723,7 +731,7 @@ def measure(args, deployment: Deployment, work: Path, bundles_dir: Path) -> dict
     if args.get_state and args.cases:
         case = max(args.cases, key=lambda c: (c.count, c.payload_bytes))
         wait_quiet(deployment.roles)
-        run = run_case(deployment, case, bundles_dir / f"{case.label}.tar", get_state_poller=True)
+        run = run_case(deployment, case, bundles_dir / f"{case.label}.tar", poll_seconds=args.get_state_seconds)
         results["get_state"] = {"case": case.label, "ingest_seconds_while_polled": run["seconds"], **run["get_state"]}
     results["load_average_end"] = os.getloadavg()
     return results
@@ -812,8 +820,8 @@ def report(results: dict, out=sys.stdout) -> None:
     if gets and "requests" in gets:
         print(f"\nGET /get_state during {gets['case']} (one polling process, one connection): "
               f"{gets['requests_per_s']:,.0f} req/s, p50 {gets['p50_ms']:.2f} ms, p99 {gets['p99_ms']:.2f} ms, "
-              f"{gets['requests']:,} requests, {gets['errors']} errors; the ingest took "
-              f"{gets['ingest_seconds_while_polled']:.2f} s while polled", file=out)
+              f"{gets['requests']:,} requests in {gets['seconds']:.1f} s, {gets['errors']} errors; that ingest "
+              f"took {gets['ingest_seconds_while_polled']:.2f} s", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -835,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2, help="production: pool processes per worker")
     parser.add_argument("--sync-batch", type=int,
                         help="files per group fsync of the limit (default: [archive] sync_batch, else 1)")
+    parser.add_argument("--get-state-seconds", type=float, default=10.0,
+                        help="how long GET /get_state is polled at the start of its extra run")
     parser.add_argument("--no-get-state", dest="get_state", action="store_false",
                         help="skip the GET /get_state run under load")
     parser.add_argument("--json", type=Path, help="where the results go (default: a file in the temp directory)")
