@@ -439,8 +439,21 @@ def pids_listening(port: int) -> tuple[list[int], bool]:
     return sorted(pid for pid in holders if parents.get(pid) not in holders), hidden
 
 
-def worker_pids() -> list[int]:
-    """Root processes of ``labvault worker`` (any Celery pool processes are below them)."""
+def _environ(pid: int) -> dict[str, str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    return dict(item.decode(errors="replace").partition("=")[::2] for item in raw.split(b"\0") if b"=" in item)
+
+
+# What ties a worker to a deployment: it consumes that broker and writes that ingest database.
+_SAME_DEPLOYMENT = ("LABVAULT_CELERY_BROKER_URL", "LABVAULT_INGEST_DATABASE", "LABVAULT_DATA_DIR", "LABVAULT_CONFIG")
+
+
+def worker_pids(like: dict[str, str] | None) -> list[int]:
+    """Root processes of ``labvault worker`` (Celery's pool processes are below them); with ``like``
+    (the ingest service's environment), only those of the same deployment."""
     found = set()
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -449,35 +462,70 @@ def worker_pids() -> list[int]:
                 words = [Path(arg.decode(errors="replace")).name for arg in argv]
                 if "worker" in words and ("labvault" in words or "common.cli" in words):
                     found.add(int(entry.name))
+    if like is not None:
+        found = {pid for pid in found if (env := _environ(pid)) is not None
+                 and all(env.get(key) == like.get(key) for key in _SAME_DEPLOYMENT)}
     parents = _all_parents()
     return sorted(pid for pid in found if parents.get(pid) not in found)
 
 
-def discover(settings, ingest_url: str, named: dict[str, list[int]]) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """The processes of a running deployment by role, and why a role could not be observed."""
+def discover(settings, ingest_url: str, named: dict[str, list[int]]) -> tuple[dict, dict, list]:
+    """The processes of a running deployment by role, why a role could not be observed, and notes.
+
+    The ingest service is the process listening on ``ingest_url``'s port; the other services
+    listen where its settings say (its environment, else ``settings``); the workers are the
+    ``labvault worker`` processes with its broker and ingest database."""
     roles, missing = {}, {}
+    local = urllib.parse.urlsplit(ingest_url).hostname in ("127.0.0.1", "localhost", "::1")
+    ingest_env = None
+    if "ingest" in named:
+        roles["ingest"] = named["ingest"]
+    elif local:
+        pids, hidden = pids_listening(urllib.parse.urlsplit(ingest_url).port or 80)
+        if pids:
+            roles["ingest"] = pids
+        else:
+            missing["ingest"] = (f"no process of this user listens on {ingest_url}"
+                                 + (" (some processes of other users cannot be read)" if hidden else ""))
+    else:
+        missing["ingest"] = f"{ingest_url} is not on this machine"
+    if roles.get("ingest"):
+        ingest_env = _environ(roles["ingest"][0])
+        if ingest_env is not None:
+            from common.settings import Settings
+            with contextlib.suppress(Exception):  # an unreadable config file: keep ours
+                settings = Settings.load(environ=ingest_env)
     for role in ROLES + OTHER_ROLES:
         if role in named:
             roles[role] = named[role]
+        elif role == "ingest":
             continue
-        url = ingest_url if role == "ingest" else settings.service_url(role)
-        parsed = urllib.parse.urlsplit(url)
-        if role == "worker":
-            pids, hidden = worker_pids(), False
-            where = "no 'labvault worker' process on this machine"
-        elif parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
-            pids, hidden = [], False
-            where = f"{url} is not on this machine"
+        elif role == "worker":
+            pids = worker_pids(ingest_env) if local else []
+            if pids:
+                roles[role] = pids
+            else:
+                missing[role] = ("no 'labvault worker' process of this user on this machine"
+                                 + (" with the ingest service's broker and database" if ingest_env else ""))
         else:
+            url = settings.service_url(role)
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
+                missing[role] = f"{url} is not on this machine"
+                continue
             pids, hidden = pids_listening(parsed.port or 80)
-            where = f"no process of this user listens on port {parsed.port}"
-            if hidden:
-                where += " (some processes of other users cannot be read)"
-        if pids:
-            roles[role] = pids
-        else:
-            missing[role] = where + f"; name it with --pid {role}=PID"
-    return roles, missing
+            if pids:
+                roles[role] = pids
+            else:
+                missing[role] = (f"no process of this user listens on {url}"
+                                 + (" (some processes of other users cannot be read)" if hidden else ""))
+    for role in missing:
+        missing[role] += f"; name it with --pid {role}=PID"
+    notes = []
+    if ingest_env is None and roles.get("worker"):
+        notes.append("the ingest service's environment is unknown: every 'labvault worker' of this "
+                                  "user is counted; name the right ones with --pid worker=PID")
+    return roles, missing, notes
 
 
 # -- talking to the deployment ------------------------------------------------------
@@ -878,11 +926,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             from common.settings import Settings
             settings = Settings.load()
-            roles, missing = discover(settings, args.url, named)
+            roles, missing, notes = discover(settings, args.url, named)
             host = urllib.parse.urlsplit(args.url).hostname
             deployment = Deployment("url", args.url.rstrip("/"), roles, missing, args.archive_dir,
                                     sync_batch_setting(settings), args.token,
-                                    local=host in ("127.0.0.1", "localhost", "::1"))
+                                    local=host in ("127.0.0.1", "localhost", "::1"), notes=notes)
             results = measure(args, deployment, work, bundles_dir)
         else:
             with started(args.deployment, work / "deployment", args.workers, args.concurrency) as (stack, roles):
