@@ -391,6 +391,9 @@ def wait_quiet(roles: dict[str, list[int]], timeout: float = 300.0, window: floa
     """Wait until the deployment's processes use under 5 % of a core over ``window`` seconds (the
     work a job hands on after ``OK``, and the last writes, are done); returns seconds waited."""
     start = time.monotonic()
+    # No dirty pages of earlier work (a staged 1 GiB bundle, the bundle just written) are
+    # written back during the next measurement.
+    os.sync()
     before = total_cpu(roles)
     while time.monotonic() - start < timeout:
         time.sleep(window)
@@ -839,7 +842,7 @@ def report(results: dict, out=sys.stdout) -> None:
         rss = " ".join(f"{role} {case['processes'][role]['peak_rss_mib']:.0f}" for role in ROLES
                        if role in case["processes"])
         print(f"{case['case']:<11}{case['accept_seconds']:>9.2f}{case['seconds']:>11.2f}{case['limit_seconds']:>9.2f}"
-              f"{case['ratio']:>7.2f}  {target:<13}{case['mb_per_s']:>8.1f}{case['files_per_s']:>9.0f}"
+              f"{case['ratio']:>7.2f}  {target:<13}{case['mb_per_s']:>8.1f}{case['files_per_s']:>9.4g}"
               f"{case['cpu_seconds']:>8.2f}{case['cpu_ms_per_file']:>12.3f}  {rss}", file=out)
     print("\nper process: CPU seconds / peak RSS MiB (largest single process; all its processes together)", file=out)
     roles = [role for role in ROLES + OTHER_ROLES if any(role in case["processes"] for case in results["cases"])]
