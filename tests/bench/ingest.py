@@ -254,7 +254,9 @@ def run_limit(bundle: Path, out_dir: Path, sync_batch: int) -> dict:
     try:
         result = subprocess.run([sys.executable, "-m", "tests.bench.ingest", "--limit-run", str(bundle),
                                  str(out_dir), str(sync_batch)], cwd=REPO, capture_output=True, text=True,
-                                check=True, timeout=6 * 3600)
+                                timeout=6 * 3600)
+        if result.returncode != 0:
+            raise SystemExit(f"the limit run failed on {bundle.name}:\n{result.stderr[-2000:]}")
         return json.loads(result.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
