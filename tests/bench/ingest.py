@@ -540,20 +540,27 @@ class Client:
 
     def __init__(self, url: str, token: str | None = None):
         parsed = urllib.parse.urlsplit(url)
-        self.host, self.port = parsed.hostname, parsed.port or 80
+        self.kind = http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
+        self.host, self.port = parsed.hostname, parsed.port
         self.prefix = parsed.path.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.connection = http.client.HTTPConnection(self.host, self.port, timeout=600, blocksize=CHUNK)
+        self.connection = self.kind(self.host, self.port, timeout=600)
 
     def post(self, bundle: Path) -> dict:
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=6 * 3600, blocksize=CHUNK)
+        connection = self.kind(self.host, self.port, timeout=6 * 3600, blocksize=CHUNK)
         try:
             with open(bundle, "rb") as body:
-                connection.request("POST", self.prefix + "/ingest", body=body, headers={
-                    **self.headers, "Content-Type": "application/octet-stream",
-                    "Content-Length": str(os.path.getsize(bundle))})
-                response = connection.getresponse()
-                answer = response.read()
+                try:
+                    connection.request("POST", self.prefix + "/ingest", body=body, headers={
+                        **self.headers, "Content-Type": "application/octet-stream",
+                        "Content-Length": str(os.path.getsize(bundle))})
+                except OSError:
+                    pass  # the server answered before reading it all (a 413, a 401): read its answer
+                try:
+                    response = connection.getresponse()
+                    answer = response.read()
+                except (OSError, http.client.HTTPException) as exc:
+                    raise SystemExit(f"POST /ingest failed: {exc}") from None
         finally:
             connection.close()
         if response.status != 200:
@@ -607,18 +614,21 @@ def run_case(deployment: Deployment, case: Case, bundle: Path, poll_seconds: flo
         job_id = state["job_id"]
         if poll_seconds:
             poller = StatePoller(deployment.url, job_id, deployment.token).start()
-        # Polled gently (its cost lands on the ingest service); the end time is the job's own
-        # `updated` when the server shares this clock, so the poll interval does not count.
-        interval = 0.02
-        while not state.get("complete"):
-            if poller and time.monotonic() - start > poll_seconds:
-                gets, poller = poller.stop(), None
-            time.sleep(interval)
-            interval = min(interval * 1.5, 0.25)
-            state = client.state(job_id)
-        observed = time.monotonic() - start
-    if poller:
-        gets = poller.stop()
+        try:
+            # Polled gently (its cost lands on the ingest service); the end time is the job's own
+            # `updated` when the server shares this clock, so the poll interval does not count.
+            interval = 0.02
+            while not state.get("complete"):
+                if poller and time.monotonic() - start > poll_seconds:
+                    gets, poller = poller.stop(), None
+                time.sleep(interval)
+                interval = min(interval * 1.5, 0.25)
+                state = client.state(job_id)
+            observed = time.monotonic() - start
+        finally:
+            client.connection.close()
+            if poller:
+                gets = poller.stop()
     if state["state"] != "OK":
         raise SystemExit(f"case {case.label}: job {job_id} {state['state']} at {state['task']!r}: "
                          f"{state['exception']}")
