@@ -888,26 +888,25 @@ def report(results: dict, out=sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.ingest", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=parse_cases, default=DEFAULT_CASES,
-                        help="comma-separated NxSIZE cases (SIZE in bytes with K, M or G)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per case; figures are medians")
+                        help=f"comma-separated NxSIZE cases, SIZE in bytes with K, M or G (default {DEFAULT_CASES})")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case; figures are medians (default 1)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--deployment", choices=["embedded", "production"], default="embedded",
-                       help="what to start: labvault up, or uWSGI + RabbitMQ + PostgreSQL")
-    where.add_argument("--url", help="the ingest service of a running deployment (started by nobody here)")
+                       help="what to start: labvault up (default), or uWSGI + RabbitMQ + PostgreSQL")
+    where.add_argument("--url", help="the ingest service of a running deployment, instead of starting one")
     parser.add_argument("--pid", action="append", default=[], metavar="ROLE=PID",
                         help="with --url: a process to observe (ingest, archive, metadata, worker, policy, stats)")
     parser.add_argument("--archive-dir", type=Path,
                         help="with --url: the archive's directory (the limit writes next to it; default the work dir)")
     parser.add_argument("--token", default=os.environ.get("LABVAULT_TOKEN"), help="with --url: an API token")
-    parser.add_argument("--workers", type=int, default=1, help="production: Celery workers")
-    parser.add_argument("--concurrency", type=int, default=2, help="production: pool processes per worker")
+    parser.add_argument("--workers", type=int, default=1, help="production: Celery workers (default 1)")
+    parser.add_argument("--concurrency", type=int, default=2, help="production: pool processes per worker (default 2)")
     parser.add_argument("--sync-batch", type=int,
                         help="files per group fsync of the limit (default: [archive] sync_batch, else 1)")
     parser.add_argument("--get-state-seconds", type=float, default=10.0,
-                        help="how long GET /get_state is polled at the start of its extra run")
+                        help="how long GET /get_state is polled at the start of its extra run (default 10)")
     parser.add_argument("--no-get-state", dest="get_state", action="store_false",
                         help="skip the GET /get_state run under load")
     parser.add_argument("--json", type=Path, help="where the results go (default: a file in the temp directory)")
