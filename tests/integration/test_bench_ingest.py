@@ -36,3 +36,27 @@ def test_the_ingest_benchmark_runs_and_reports(tmp_path):
     for pids in results["deployment"]["processes"].values():
         assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
     assert sorted(p.name for p in work.iterdir()) == ["bundles"]
+
+
+def test_a_running_deployment_is_observed_through_its_listening_sockets():
+    import socket
+
+    from tests.bench import ingest as bench
+    child = subprocess.Popen([sys.executable, "-c", "import socket, sys, time\n"
+                              "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+                              "print(s.getsockname()[1], flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+        assert bench.pids_listening(port) == ([child.pid], False)
+        monitor = bench.Monitor({"ingest": [child.pid]})
+        with monitor:
+            pass
+        figures = monitor.figures()["ingest"]
+        assert figures["processes"] == 1 and figures["peak_rss_mib"] > 1
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            assert bench.pids_listening(unused.getsockname()[1]) == ([], False)
+    finally:
+        child.kill()
+        child.wait()
