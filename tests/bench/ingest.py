@@ -882,6 +882,8 @@ def report(results: dict, out=sys.stdout) -> None:
         print(f"{case['case']:<11}" + "".join(f"{cell:>24}" for cell in cells), file=out)
     for role, why in deployment["not_observed"].items():
         print(f"not observed: {role}: {why}", file=out)
+    for note in deployment["notes"]:
+        print(f"note: {note}", file=out)
     print("\ntargets (issue 14):", file=out)
     for case in results["cases"]:
         checks = case["targets"]
@@ -959,6 +961,9 @@ def main(argv: list[str] | None = None) -> int:
             deployment = Deployment("url", args.url.rstrip("/"), roles, missing, args.archive_dir,
                                     sync_batch_setting(settings), args.token,
                                     local=host in ("127.0.0.1", "localhost", "::1"), notes=notes)
+            if args.archive_dir is None:
+                deployment.notes.append(f"the limit writes under {work}, which may not be the archive's filesystem; "
+                                        "--archive-dir names the archive's directory")
             results = measure(args, deployment, work, bundles_dir)
         else:
             with started(args.deployment, work / "deployment", args.workers, args.concurrency) as (stack, roles):
