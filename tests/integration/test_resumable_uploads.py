@@ -195,6 +195,21 @@ def test_an_empty_upload_is_a_job_at_creation(ingest):
     assert requests.get(upload, timeout=10).json()["job_id"] == job_id
 
 
+def held_by_another(path) -> bool:
+    """Whether another open file description holds an exclusive ``flock`` on ``path``."""
+    import fcntl
+    try:
+        with open(path, "rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    except FileNotFoundError:
+        return False
+
+
 def raw_patch(url: str, upload: str, offset: int, declared: int, sent: bytes) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     path = upload.removeprefix(url)
@@ -232,10 +247,15 @@ def test_a_checksummed_chunk_cut_midway_counts_nothing(ingest):
 
 
 def test_a_second_writer_is_refused_while_the_first_writes(ingest):
-    url, _, _ = ingest
+    url, staging, _ = ingest
     upload, _ = create(url, 1_000_000)
     sock = raw_patch(url, upload, 0, 500_000, b"f" * 1000)
     try:
+        # Only once the first writer holds the part file's lock can a second one be refused
+        # (before that it would simply be first): wait for the lock, not for luck.
+        wait_for(lambda: held_by_another(staging.upload_part(upload.rsplit("/", 1)[1])), timeout=30,
+                 message="the first writer to hold the upload")
+
         def locked():
             response = patch(upload, 0, b"g" * 10)
             return [response] if response.status_code == 423 else None  # a 4xx Response is falsy
