@@ -14,6 +14,8 @@ a lost write-once race ``AlreadyExists``, a backend that cannot be reached
 from __future__ import annotations
 
 import abc
+import concurrent.futures
+import contextlib
 import io
 import logging
 import os
@@ -25,6 +27,9 @@ from typing import BinaryIO, NamedTuple
 from common.errors import ServiceUnavailable
 
 logger = logging.getLogger(__name__)
+
+# Threads that sync the files (and directories) of one group commit at once.
+SYNC_THREADS = 16
 
 
 class StorageUnavailable(ServiceUnavailable):
@@ -100,6 +105,29 @@ class Storage(abc.ABC):
     def delete(self, file_id: int) -> bool:
         """Remove the stored file; False when there was none."""
 
+    def commit_many(self, uploads: list[Upload]) -> list[AlreadyExists | None]:
+        """Publish several finished uploads (a group commit); every one published is durable
+        when this returns. One answer per upload: None (published) or ``AlreadyExists``
+        (nothing replaced, the upload discarded). Any other error discards every upload
+        not yet published and propagates.
+
+        This default commits one by one (S3: each object is durable once its PUT answers);
+        ``PosixStorage`` syncs the group together.
+        """
+        outcomes: list[AlreadyExists | None] = []
+        try:
+            for upload in uploads:
+                try:
+                    upload.commit()
+                    outcomes.append(None)
+                except AlreadyExists as exc:
+                    outcomes.append(exc)
+        except BaseException:
+            for upload in uploads:
+                upload.abort()  # a no-op for those already published
+            raise
+        return outcomes
+
     def presigned_url(self, file_id: int, expires_seconds: int, filename: str | None = None) -> str | None:
         """A URL that serves the file without labvault for ``expires_seconds``; None when the
         backend has no such thing (POSIX: labvault serves the bytes itself)."""
@@ -135,9 +163,13 @@ class PosixUpload(Upload):
         self.bytes_written += len(data)
 
     def commit(self) -> None:
+        final = self.publish()
+        _fsync_dir(final.parent)
+
+    def sync(self) -> None:
+        """Flush the bytes to the disk and close the temporary file (the first half of commit)."""
         if self.finished:
             raise ValueError("upload already finished")
-        final = self._storage.path_for(self.file_id)
         try:
             self._handle.flush()
             # The bytes must be on disk before the name is: after a crash a published
@@ -146,6 +178,18 @@ class PosixUpload(Upload):
             # Stored files never change (write-once); read-only says so to anyone with a shell.
             os.fchmod(self._handle.fileno(), 0o440)
             self._handle.close()
+        except BaseException:
+            self.abort()
+            raise
+
+    def publish(self) -> Path:
+        """Give the file its name (the second half of commit, its directory not yet synced)."""
+        if self.finished:
+            raise ValueError("upload already finished")
+        if not self._handle.closed:
+            self.sync()
+        final = self._storage.path_for(self.file_id)
+        try:
             final.parent.mkdir(parents=True, exist_ok=True)
             # link() is atomic and refuses an existing target, so of two writers of one id
             # exactly one wins; rename() would silently replace the other's file.
@@ -158,7 +202,7 @@ class PosixUpload(Upload):
             raise
         self.finished = True
         self._unlink_tmp()
-        _fsync_dir(final.parent)
+        return final
 
     def abort(self) -> None:
         self.finished = True
@@ -196,6 +240,44 @@ class PosixStorage(Storage):
         check_id(file_id)
         self.incoming.mkdir(parents=True, exist_ok=True)
         return PosixUpload(self, file_id)
+
+    def commit_many(self, uploads: list[Upload]) -> list[AlreadyExists | None]:
+        """The group commit: sync every file, then link each into place, then sync each
+        directory that got a name once. Same guarantee as ``commit`` one by one (bytes on
+        disk before the name, names on disk before the answer) with one directory sync per
+        directory instead of one per file."""
+        outcomes: list[AlreadyExists | None] = []
+        published: list[Path] = []
+        try:
+            # Syncs issued together let the filesystem commit its journal once for many
+            # of them (a sync releases the GIL): the group commit proper.
+            self._in_parallel(lambda upload: upload.sync(), uploads)
+            for upload in uploads:
+                try:
+                    published.append(upload.publish())
+                    outcomes.append(None)
+                except AlreadyExists as exc:
+                    outcomes.append(exc)
+            self._in_parallel(_fsync_dir, list(dict.fromkeys(path.parent for path in published)))
+        except BaseException:
+            for upload in uploads:
+                upload.abort()
+            for path in published:
+                # Published but not durably answered: the caller records no row for them.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            raise
+        return outcomes
+
+    @staticmethod
+    def _in_parallel(action, items: list) -> None:
+        if len(items) < 2:
+            for item in items:
+                action(item)
+            return
+        with concurrent.futures.ThreadPoolExecutor(min(SYNC_THREADS, len(items))) as pool:
+            for future in [pool.submit(action, item) for item in items]:
+                future.result()
 
     def open_read(self, file_id: int, start: int = 0, end: int | None = None) -> BinaryIO:
         handle = open(self.path_for(file_id), "rb")
