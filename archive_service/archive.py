@@ -143,8 +143,11 @@ class Archive:
         seen: set[int] = set()
         file_id = None
         try:
-            while (header := frames.header()) is not None:
+            while True:
                 file_id = None
+                header = frames.header()
+                if header is None:
+                    break
                 file_id = parse_file_id(header.get("id"))
                 size, expected, when = _member_header(file_id, header)
                 if file_id in seen:

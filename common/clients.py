@@ -156,7 +156,7 @@ class ArchiveClient(ServiceClient):
                                 headers=headers)
         return response.json()
 
-    def put_batch(self, open_body: Callable[[], Iterable[bytes]]) -> list[dict]:
+    def put_batch(self, open_body: Callable[[], bytes | Iterable[bytes]]) -> list[dict]:
         """Send many files in one ``POST /batch``; ``open_body()`` makes the body (an iterable
         with a length, see ``batch_header``) afresh for each attempt. Returns the archive's
         per-file list, whether every file was stored or not: entries with a status of 400 or
