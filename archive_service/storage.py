@@ -19,7 +19,9 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
+import itertools
+import threading
+import uuid
 import time
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -152,8 +154,7 @@ class PosixUpload(Upload):
     def __init__(self, storage: PosixStorage, file_id: int):
         super().__init__(file_id)
         self._storage = storage
-        fd, name = tempfile.mkstemp(prefix=f"{file_id}.", suffix=".part", dir=storage.incoming)
-        self._tmp_path = Path(name)
+        fd, self._tmp_path = storage.new_temporary(file_id)
         self._handle = os.fdopen(fd, "wb")
 
     def write(self, data: bytes) -> None:
@@ -190,10 +191,15 @@ class PosixUpload(Upload):
             self.sync()
         final = self._storage.path_for(self.file_id)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            self._storage.make_shard(final.parent)
             # link() is atomic and refuses an existing target, so of two writers of one id
             # exactly one wins; rename() would silently replace the other's file.
-            os.link(self._tmp_path, final)
+            try:
+                os.link(self._tmp_path, final)
+            except FileNotFoundError:
+                # The shard directory went away since this process made it: make it again.
+                self._storage.make_shard(final.parent, again=True)
+                os.link(self._tmp_path, final)
         except FileExistsError:
             self.abort()
             raise AlreadyExists(self.file_id) from None
@@ -215,7 +221,7 @@ class PosixUpload(Upload):
 
     def _unlink_tmp(self) -> None:
         try:
-            self._tmp_path.unlink()
+            os.unlink(self._tmp_path)
         except FileNotFoundError:
             pass
 
@@ -230,6 +236,31 @@ class PosixStorage(Storage):
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.incoming = self.root / ".incoming"
+        self._shards: set[Path] = set()  # shard directories known to exist
+        # Temporary names: unique to this storage object (a process may hold several), counted
+        # up; O_EXCL refuses a name a crashed writer left (the next number is taken then).
+        self._tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._counter = itertools.count()
+        self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._sync_pool_lock = threading.Lock()
+
+    def new_temporary(self, file_id: int) -> tuple[int, str]:
+        """A new, empty temporary file for ``file_id`` in ``incoming``: (descriptor, path)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        while True:
+            path = os.path.join(self.incoming, f"{file_id}.{self._tag}-{next(self._counter)}.part")
+            try:
+                return os.open(path, flags, 0o600), path
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                self.incoming.mkdir(parents=True, exist_ok=True)  # the first write (or it was removed)
+                return os.open(path, flags, 0o600), path
+
+    def make_shard(self, directory: Path, again: bool = False) -> None:
+        if again or directory not in self._shards:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._shards.add(directory)
 
     def path_for(self, file_id: int) -> Path:
         file_id = check_id(file_id)
@@ -238,7 +269,6 @@ class PosixStorage(Storage):
 
     def begin_write(self, file_id: int) -> Upload:
         check_id(file_id)
-        self.incoming.mkdir(parents=True, exist_ok=True)
         return PosixUpload(self, file_id)
 
     def commit_many(self, uploads: list[Upload]) -> list[AlreadyExists | None]:
@@ -269,15 +299,18 @@ class PosixStorage(Storage):
             raise
         return outcomes
 
-    @staticmethod
-    def _in_parallel(action, items: list) -> None:
+    def _in_parallel(self, action, items: list) -> None:
         if len(items) < 2:
             for item in items:
                 action(item)
             return
-        with concurrent.futures.ThreadPoolExecutor(min(SYNC_THREADS, len(items))) as pool:
-            for future in [pool.submit(action, item) for item in items]:
-                future.result()
+        with self._sync_pool_lock:
+            if self._sync_pool is None:
+                self._sync_pool = concurrent.futures.ThreadPoolExecutor(SYNC_THREADS, "archive-sync")
+        futures = [self._sync_pool.submit(action, item) for item in items]
+        concurrent.futures.wait(futures)  # every one ends before the caller cleans up
+        for future in futures:
+            future.result()
 
     def open_read(self, file_id: int, start: int = 0, end: int | None = None) -> BinaryIO:
         handle = open(self.path_for(file_id), "rb")
