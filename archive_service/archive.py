@@ -560,28 +560,34 @@ def _insert_ignore(file_id: int, size: int, hashtype: str, hashsum: str, sha256:
 
 
 _ROW_FIELDS = ("file_id", "size", "hashtype", "hashsum", "sha256", "mtime", "created")
+# Rows of one INSERT: 700 bound values stay under the smallest SQLite limit (999).
+INSERT_ROWS = 100
 
 
 def _insert_rows(rows: list[tuple]) -> None:
     """``_insert_ignore`` for many rows ``(file_id, size, hashtype, hashsum, sha256, mtime)`` in
-    one transaction. One prepared statement run for each row: building the statement with
-    the ORM for every row cost more than everything else a small file needs."""
+    one transaction, ``INSERT_ROWS`` a statement. The statement is written here, not by the
+    ORM: building it row by row cost more than everything else a small file needs."""
     if not rows:
         return
     db = database.obj if hasattr(database, "obj") else database
+
     def quoted(name: str) -> str:
         return f"{db.quote[0]}{name}{db.quote[1]}"
 
     fields = [ArchiveFile._meta.fields[name] for name in _ROW_FIELDS]
     columns = ", ".join(quoted(field.column_name) for field in fields)
-    marks = ", ".join([db.param] * len(fields))
-    sql = (f"INSERT INTO {quoted(ArchiveFile._meta.table_name)} ({columns}) VALUES ({marks}) "
-           f"ON CONFLICT ({quoted(ArchiveFile.file_id.column_name)}) DO NOTHING")
+    one_row = "(" + ", ".join([db.param] * len(fields)) + ")"
     mtime, created = ArchiveFile.mtime.db_value, ArchiveFile.created.db_value
     now = created(utcnow())
     with database.atomic():
-        db.cursor().executemany(sql, [(file_id, size, hashtype, hashsum, sha256, mtime(when), now)
-                                      for file_id, size, hashtype, hashsum, sha256, when in rows])
+        for start in range(0, len(rows), INSERT_ROWS):
+            chunk = rows[start:start + INSERT_ROWS]
+            values = [value for file_id, size, hashtype, hashsum, sha256, when in chunk
+                      for value in (file_id, size, hashtype, hashsum, sha256, mtime(when), now)]
+            db.execute_sql(f"INSERT INTO {quoted(ArchiveFile._meta.table_name)} ({columns}) VALUES "
+                           f"{', '.join([one_row] * len(chunk))} "
+                           f"ON CONFLICT ({quoted(ArchiveFile.file_id.column_name)}) DO NOTHING", values)
 
 
 def _utc_naive(value: datetime.datetime | float | int) -> datetime.datetime:

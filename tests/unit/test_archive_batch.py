@@ -139,3 +139,11 @@ def test_group_commit_syncs_each_file_and_each_directory_once(archive, monkeypat
     archive.put_batch(io.BytesIO(b"".join(frame(n, b"x%d" % n) for n in (1, 2, 257))), sync_batch=10)
     # Three files and two shard directories (1 and 257 share 01/).
     assert len(synced) == 5
+
+
+def test_a_group_larger_than_one_insert_statement_records_every_row(archive):
+    members = {n: b"%d" % n for n in range(1000, 1230)}
+    result = archive.put_batch(io.BytesIO(b"".join(frame(n, data) for n, data in members.items())), sync_batch=500)
+    assert result.failure is None and len(result.files) == 230
+    assert stored(archive) == (list(members), list(members), [])
+    assert archive.stat(1229).size == 4 and archive.stat(1229).sha256 == hashlib.sha256(b"1229").hexdigest()
