@@ -138,6 +138,8 @@ class Archive:
         member listed as stored is durable (bytes, names and rows on disk) when this returns.
         """
         frames = _FrameReader(body)
+        if not self.storage.group_commit:
+            sync_batch = 1  # see Storage.group_commit
         files: list[dict] = []
         pending: list[_Pending] = []
         seen: set[int] = set()

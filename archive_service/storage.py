@@ -86,6 +86,10 @@ class Storage(abc.ABC):
 
     # What HEAD reports as X-Pacifica-File-Storage-Media.
     media = "disk"
+    # True when commit_many makes a group durable for less than its files one by one. Without
+    # it a batch publishes each file as soon as it is verified: an unfinished upload may hold
+    # a part in memory (S3), and a group of them would hold a part each.
+    group_commit = False
 
     def prepare(self, create: bool = False) -> None:
         """Check the backend can be used before serving; ``StorageUnavailable`` says why not."""
@@ -232,6 +236,8 @@ class PosixStorage(Storage):
     The staging directory sits inside the root so the publishing hard link never
     crosses a filesystem.
     """
+
+    group_commit = True
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
