@@ -429,7 +429,9 @@ class JobRun:
             if table == "Transactions._id":
                 continue  # the job id is the transaction id, whatever the client said
             if table == "Files":
-                entry = {k: v for k, v in entry.items() if k != "source"}
+                # In place: the policy has read the document already, and a copy of every
+                # entry would double the worker's memory for a bundle of many files.
+                entry.pop("source", None)
                 entry["_id"] = self.file_ids[position]
             document.append(entry)
         document.append({"destinationTable": "Transactions._id", "value": self.job_id})
