@@ -3,8 +3,10 @@
 ``PUT /<id>`` streams in, ``GET /<id>`` streams out (with Range), ``HEAD /<id>`` describes,
 ``DELETE /<id>`` removes, ``PATCH /<id>`` copies a server-local file in, ``POST /<id>``
 stages. ``GET /fixity`` lists files whose last fixity check found a problem and
-``GET /fixity/summary`` counts results (named routes win over ``/<id>``: CherryPy looks
-up attributes before it pops an id). Handlers decode, call ``archive.Archive`` or
+``GET /fixity/summary`` counts results. ``GET /presign/<id>?expires=<seconds>&filename=<name>``
+answers a URL that serves the file without labvault (S3: a presigned GetObject; 404
+``presign_unsupported`` on POSIX). Named routes win over ``/<id>``: CherryPy looks up
+attributes before it pops an id. Handlers decode, call ``archive.Archive`` or
 ``fixity``, encode; errors become JSON in common.web.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import base64
 import datetime
 import email.utils
 import logging
+import time
 from typing import Iterable
 
 import cherrypy
@@ -35,6 +38,8 @@ HASH_SUM_HEADER = "X-Hash-Sum"
 SHA256_HEADER = "X-Labvault-Sha256"
 # Range requests are answered in pieces of this size, whatever the backend.
 SEND_CHUNK = CHUNK_SIZE
+# S3's longest presigned URL (SigV4): seven days.
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 
 
 class RangeNotSatisfiable(LabvaultError):
@@ -69,6 +74,32 @@ class FixityProblems:
             raise NotFound(f"no resource /fixity/{'/'.join(path)[:60]}", code="not_found")
         return json_body(fixity.problems(result, int_param("page_number", page_number),
                                          int_param("items_per_page", items_per_page)))
+
+
+class Presign:
+    """``GET /presign/<id>?expires=<seconds>&filename=<name>``: a URL that serves the file without
+    labvault, valid ``expires`` seconds (1 to 7 days, S3's limit). Behind the service token like
+    every archive route: the stats service hands these URLs to holders of a download token."""
+
+    exposed = True
+
+    def __init__(self, archive: Archive):
+        self.archive = archive
+
+    def GET(self, *path, expires="3600", filename=None, **_params) -> bytes:  # noqa: N802
+        if len(path) != 1:
+            raise NotFound("GET /presign/<file_id>", code="not_found")
+        seconds = int_param("expires", expires)
+        if not 1 <= seconds <= MAX_PRESIGN_SECONDS:
+            raise BadRequest(f"expires is 1 to {MAX_PRESIGN_SECONDS} seconds", code="invalid_expires")
+        if filename is not None and (not isinstance(filename, str) or len(filename) > 255):
+            raise BadRequest("filename is one name of at most 255 characters", code="invalid_filename")
+        info = self.archive.stat(parse_file_id(path[0]))
+        url = self.archive.storage.presigned_url(info.file_id, seconds, filename=filename)
+        if url is None:
+            raise NotFound(f"the {self.archive.storage.media} archive serves its files itself: no presigned URLs",
+                           code="presign_unsupported")
+        return json_body({"url": url, "expires": int(time.time()) + seconds})
 
 
 class Batch:
@@ -109,6 +140,9 @@ class ArchiveRoot(HealthMixin):
         self.openapi_json = OpenApiDocument(openapi.describe)
         self.archive = archive
         self.fixity = FixityProblems()
+        self.presign = Presign(archive)
+
+
         self.batch = Batch(archive, sync_batch)
 
     # noqa below: the verbs are CherryPy MethodDispatcher method names.

@@ -48,4 +48,12 @@ def describe() -> dict:
                     oa.query("items_per_page", "rows a page", {"type": "integer", "minimum": 1})])}
     paths["/fixity/summary"] = {"get": oa.operation(
         "counts of files by their last fixity result", oa.json_response("counts", {"type": "object"}))}
+    paths["/presign/{file_id}"] = {"get": oa.operation(
+        "a URL serving the file without labvault (S3 presigned; 404 presign_unsupported on POSIX)",
+        oa.json_response("the URL and its expiry (epoch seconds)", {
+            "type": "object", "required": ["url", "expires"],
+            "properties": {"url": {"type": "string"}, "expires": {"type": "integer"}}}),
+        parameters=[FILE_ID, oa.query("expires", "seconds the URL stays valid, 1 to 604800",
+                                      {"type": "integer", "minimum": 1, "maximum": 604800}),
+                    oa.query("filename", "the name a browser saves the file under")])}
     return oa.document("labvault archive", "File bytes by id (internal: needs the service token).", paths)

@@ -71,7 +71,7 @@ class S3Storage(Storage):
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, addressing_style: str = "auto", part_size: int = 8 * MIB,
-                 upload_concurrency: int = 4, client=None):
+                 upload_concurrency: int = 4, client=None, public_endpoint_url: str | None = None):
         if len(bucket) < 3:
             raise SettingsError(f"[archive] bucket must name a bucket (3 characters or more), not {bucket!r}")
         if part_size < MIN_PART_SIZE:
@@ -93,6 +93,12 @@ class S3Storage(Storage):
                           retries={"max_attempts": 5, "mode": "standard"},
                           connect_timeout=10, read_timeout=120,
                           max_pool_connections=max(10, 2 * self.upload_concurrency + 4)))
+        # Presigned URLs name the endpoint downloaders reach, which a deployment behind a private
+        # network gives separately (the signature covers the host), and are signed with SigV4:
+        # boto3 would presign with the deprecated SigV2 that AWS refuses in newer regions.
+        self.presign_client = boto3.client(
+            "s3", endpoint_url=public_endpoint_url or endpoint_url or None, region_name=region or None,
+            config=Config(s3={"addressing_style": addressing_style}, signature_version="s3v4"))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Storage:
@@ -104,7 +110,8 @@ class S3Storage(Storage):
                    region=settings.get("archive", "region", "").strip() or None,
                    addressing_style=settings.get("archive", "addressing_style", "auto").strip().lower() or "auto",
                    part_size=settings.getint("archive", "part_size", 8 * MIB),
-                   upload_concurrency=settings.getint("archive", "upload_concurrency", 4))
+                   upload_concurrency=settings.getint("archive", "upload_concurrency", 4),
+                   public_endpoint_url=settings.get("archive", "public_endpoint_url", "").strip() or None)
 
     def key_for(self, file_id: int) -> str:
         return f"{self.prefix}{check_id(file_id)}"
@@ -218,7 +225,8 @@ class S3Storage(Storage):
         if filename:
             safe = "".join(ch for ch in str(filename) if ch.isprintable() and ch not in '"\\/;')[:200]
             params["ResponseContentDisposition"] = f'attachment; filename="{safe or "download"}"'
-        return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=int(expires_seconds))
+        return self.presign_client.generate_presigned_url("get_object", Params=params,
+                                                          ExpiresIn=int(expires_seconds))
 
     def sweep_uploads(self, older_than_seconds: float) -> int:
         cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=older_than_seconds)

@@ -8,7 +8,7 @@ from archive_service.backends import make_storage
 from archive_service.storage import Storage
 from common.celery_app import task
 from common.db import bind
-from common.settings import Settings
+from common.settings import Settings, once_per_settings
 
 logger = logging.getLogger(__name__)
 
@@ -16,16 +16,11 @@ CHECK_FIXITY = "archive.check_fixity"
 SWEEP_UPLOADS = "archive.sweep_uploads"
 
 # Per worker process and settings object; each entry keeps its settings alive (see ingest's tasks).
-_storages: dict[int, tuple[Settings, Storage]] = {}
-
-
+@once_per_settings
 def storage_for(settings: Settings) -> Storage:
     """The archive database bound and the backend built, once per worker process and settings."""
-    entry = _storages.get(id(settings))
-    if entry is None:
-        bind(models.database, settings.database_url("archive"))
-        entry = _storages[id(settings)] = (settings, make_storage(settings))
-    return entry[1]
+    bind(models.database, settings.database_url("archive"))
+    return make_storage(settings)
 
 
 def periodic(settings: Settings) -> dict:

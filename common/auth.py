@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from common.access import Directory, may_see_owned
-from common.errors import Unauthorized
+from common.db import utcnow
+from common.errors import NotFound, Unauthorized
 from common.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,22 @@ def new_token() -> str:
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def revoke_by_prefix(model, prefix: str):
+    """Revoke the one live token row of ``model`` (a table with ``digest`` and ``revoked``) whose
+    digest starts with ``prefix``, as the token listings show it; 404 ``token_not_found`` unless
+    exactly one matches a prefix of 8 hex characters or more. Answers the revoked row."""
+    prefix = str(prefix).strip().lower()
+    if len(prefix) < 8 or len(prefix) > 64 or any(ch not in "0123456789abcdef" for ch in prefix):
+        matches = []
+    else:
+        matches = list(model.select().where(model.digest.startswith(prefix) & model.revoked.is_null()).limit(2))
+    if len(matches) != 1:
+        raise NotFound(f"no single live token starts with {prefix[:16]!r} (give at least 8 hex characters)",
+                       code="token_not_found")
+    model.update(revoked=utcnow()).where(model.digest == matches[0].digest).execute()
+    return model.get_by_id(matches[0].digest)
 
 
 def same_secret(given: str, expected: str) -> bool:

@@ -23,7 +23,7 @@ from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from common import registry
-from common.settings import Settings
+from common.settings import Settings, once_per_settings
 
 logger = logging.getLogger(__name__)
 
@@ -196,18 +196,10 @@ def _adapter(func: Callable) -> Callable:
     return run
 
 
-_apps: dict[int, tuple[Settings, Celery]] = {}
-
-
+@once_per_settings
 def celery_for(settings: Settings) -> Celery:
-    """A Celery app to enqueue with, one per process and settings (it connects on first use).
-
-    Each entry keeps its settings object alive, so no later settings object can reuse its
-    id() and be taken for it (tests build many)."""
-    entry = _apps.get(id(settings))
-    if entry is None:
-        entry = _apps[id(settings)] = (settings, make_celery(settings))
-    return entry[1]
+    """A Celery app to enqueue with, one per process and settings (it connects on first use)."""
+    return make_celery(settings)
 
 
 def enqueue(app: Celery, name: str, *args) -> None:

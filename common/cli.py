@@ -142,6 +142,9 @@ def _upload(args, settings: Settings, path: Path) -> int:
                            f"(decompress it first, or make it with 'labvault bundle')")
     if args.url and "://" not in args.url:
         raise CommandError(f"--url {args.url} has no scheme; give it as http://{args.url}")
+    if args.resumable and (args.idempotency_key is not None or args.dedupe):
+        raise CommandError("--resumable and --idempotency-key/--dedupe do not go together: an idempotent "
+                           "upload is one request (retried whole); a resumable one resumes by its URL")
     token = args.token or os.environ.get("LABVAULT_TOKEN")
     client = IngestClient(settings, base_url=args.url, token=token)
     print(f"labvault ingest: to {client.base_url}", file=sys.stderr)
@@ -150,10 +153,15 @@ def _upload(args, settings: Settings, path: Path) -> int:
 
     def open_body():
         from common.hashing import HashingReader
+        bar.show(0)  # a retry starts from the first byte again
         return HashingReader(open(path, "rb"), length=size, on_read=bar.advance)
 
     try:
-        state = client.upload(open_body)
+        idempotent = args.idempotency_key is not None or args.dedupe
+        if not idempotent and (args.resumable or size > settings.getint("ingest", "resumable_above")):
+            state = _resumable_upload(args, settings, client, path, bar)
+        else:
+            state = client.upload(open_body, idempotency_key=args.idempotency_key, dedupe=args.dedupe)
     except LabvaultError as exc:
         bar.close()
         raise CommandError(f"upload failed: {exc.as_exception_text()}{_advice(exc, token)}") from None
@@ -162,6 +170,24 @@ def _upload(args, settings: Settings, path: Path) -> int:
         print(json.dumps(state))
         return 0
     return _follow(client, int(state["job_id"]), args.timeout)
+
+
+def _resumable_upload(args, settings: Settings, client: IngestClient, path: Path, bar: "ProgressBar") -> dict:
+    """Send ``path`` as a resumable (tus) upload, resuming by itself after breaks; the job's state."""
+    from common.tus import ResumableUpload, default_state_dir
+
+    def say(text: str) -> None:
+        if bar.enabled:
+            bar.stream.write("\n")
+        print(f"labvault ingest: {text}", file=sys.stderr, flush=True)
+
+    upload = ResumableUpload(client.base_url, path, session=client.session, headers=client.headers,
+                             timeout=client.timeout, state_dir=default_state_dir(),
+                             chunk_size=args.chunk_size or settings.getint("ingest", "upload_chunk_bytes"),
+                             on_offset=bar.show, on_sent=bar.advance, say=say)
+    print(f"labvault ingest: resumable upload of {upload.size} bytes", file=sys.stderr)
+    job_id = upload.run()
+    return client.get_state(job_id)
 
 
 def _advice(error: LabvaultError, token: str | None) -> str:
@@ -324,6 +350,18 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 1 if it failed")
     ingest.add_argument("--token", help="API token when the service runs in token mode (default: $LABVAULT_TOKEN)")
     ingest.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits at most")
+    ingest.add_argument("--idempotency-key", metavar="KEY",
+                        help="name this upload (1 to 200 visible ASCII characters): sent again with the same key, "
+                             "the bundle answers the job it made; the upload is then retried when the connection "
+                             "fails (default: none, sent once)")
+    ingest.add_argument("--dedupe", action="store_true",
+                        help="the bundle's SHA-256 is its idempotency key: the same bytes sent again answer the "
+                             "job they made (and the upload is retried when the connection fails)")
+    ingest.add_argument("--resumable", action="store_true",
+                        help="send as a resumable upload whatever the size (default: only above "
+                             "[ingest] resumable_above bytes)")
+    ingest.add_argument("--chunk-size", type=int, help="bytes per PATCH of a resumable upload "
+                                                        "(default: [ingest] upload_chunk_bytes)")
     status = add("status", cmd_status, "Each service up or down, the broker, its queues, the workers, the auth mode; "
                                        "exit 0 only when all are up.")
     status.add_argument("--json", action="store_true", help="one JSON document, for scripts")

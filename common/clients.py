@@ -198,6 +198,18 @@ class ArchiveClient(ServiceClient):
                 return False
             raise
 
+    def presigned_url(self, file_id: int, seconds: int, filename: str | None = None) -> str | None:
+        """A URL serving the file without labvault (S3), or None when the archive serves its files itself."""
+        params = {"expires": int(seconds)}
+        if filename:
+            params["filename"] = filename
+        try:
+            return self.request("GET", f"/presign/{int(file_id)}", params=params).json()["url"]
+        except LabvaultError as exc:
+            if exc.code == "presign_unsupported":
+                return None
+            raise
+
     def fixity_summary(self) -> dict:
         """The archive's fixity summary (``GET /fixity/summary``); 404 when it keeps none."""
         return self.request("GET", "/fixity/summary", retries=0).json()
@@ -238,9 +250,19 @@ class IngestClient(ServiceClient):
         if token:
             self.headers = {"Authorization": f"Bearer {token}"}
 
-    def upload(self, open_stream: Callable[[], BinaryIO], path: str = "/ingest") -> dict:
-        return self.request("POST", path, body_factory=open_stream, retries=0,
-                            headers={"Content-Type": "application/octet-stream"}).json()
+    def upload(self, open_stream: Callable[[], BinaryIO], path: str = "/ingest", idempotency_key: str | None = None,
+               dedupe: bool = False) -> dict:
+        """POST a bundle. Without an idempotency key (or ``dedupe``: the bundle's digest as the key)
+        it is sent once: sent again after a lost answer it would make a second job. With one, a
+        connection failure or a 5xx is retried, since the service answers a retry with the same job."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        if dedupe:
+            headers["Labvault-Dedupe"] = "digest"
+        idempotent = idempotency_key is not None or dedupe
+        return self.request("POST", path, body_factory=open_stream, retries=None if idempotent else 0,
+                            headers=headers).json()
 
     def get_state(self, job_id: int) -> dict:
         return self.request("GET", f"/get_state/{quote(str(job_id))}").json()

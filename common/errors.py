@@ -126,7 +126,13 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in FULL_DISK_ERRNOS
 
 
+# Statuses of HTTP extensions the suite speaks, which http.HTTPStatus does not know.
+EXTRA_PHRASES = {460: "Checksum Mismatch"}  # tus 1.0, checksum extension
+
+
 def status_line(status: int) -> str:
+    if status in EXTRA_PHRASES:
+        return f"{status} {EXTRA_PHRASES[status]}"
     try:
         return f"{status} {HTTPStatus(status).phrase}"
     except ValueError:
@@ -136,6 +142,7 @@ def status_line(status: int) -> str:
 def code_for_status(status: int) -> str:
     """Machine code for an HTTP error raised outside our domain code (routing, server limits)."""
     try:
-        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+        phrase = EXTRA_PHRASES.get(status) or HTTPStatus(status).phrase
+        return phrase.lower().replace(" ", "_").replace("-", "_")
     except ValueError:
         return "error"

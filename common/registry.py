@@ -25,8 +25,11 @@ from common.settings import Settings
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "labvault.services"
-# The one event today: a job's metadata is committed (listeners get ``settings, job_id``).
+# A job's metadata is committed (listeners get ``settings, job_id``).
 INGESTED = "ingested"
+# A CloudEvent for the outside world was published (listeners get ``settings, cloud_event``; see
+# ``common.events``); the service keeping webhook subscriptions enqueues its delivery.
+EVENT = "event"
 
 
 @dataclass(frozen=True)

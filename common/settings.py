@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import configparser
+import functools
 import os
+import threading
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 from config import DEFAULT_INI
 
@@ -127,6 +129,29 @@ class Settings:
                 env[f"{ENV_PREFIX}{section.upper()}_{key.upper()}"] = value
         env[f"{ENV_PREFIX}DATA_DIR"] = str(self.data_dir)
         return env
+
+
+T = TypeVar("T")
+
+
+def once_per_settings(build: Callable[[Settings], T]) -> Callable[[Settings], T]:
+    """``build`` run once per process and settings object; later calls answer its first result
+    (a worker's database binding, HTTP session, Celery app). Each entry keeps its settings
+    object alive, so no later settings object can reuse its id() and be taken for it (tests
+    build many)."""
+    built: dict[int, tuple[Settings, T]] = {}
+    lock = threading.Lock()
+
+    @functools.wraps(build)
+    def cached(settings: Settings) -> T:
+        entry = built.get(id(settings))
+        if entry is None:
+            with lock:
+                entry = built.get(id(settings))
+                if entry is None:
+                    entry = built[id(settings)] = (settings, build(settings))
+        return entry[1]
+    return cached
 
 
 def _set(parser: configparser.ConfigParser, section: str, key: str, value: str) -> None:

@@ -178,7 +178,7 @@ def error_headers(error: LabvaultError) -> list[tuple[str, str]]:
 
 def _error_response(error: LabvaultError) -> None:
     response = cherrypy.serving.response
-    response.status = error.status
+    response.status = status_line(error.status)
     response.headers["Content-Type"] = "application/json"
     response.headers.pop("Content-Length", None)
     for name, value in error_headers(error):

@@ -1,5 +1,5 @@
-"""The ingest service: uploads, the job table and the ingest pipeline."""
-from common.registry import Service
+"""The ingest service: uploads, the job table, the ingest pipeline, webhook subscriptions."""
+from common.registry import EVENT, Service
 
 SERVICE = Service(
     name="ingest", title="Ingest", port=8066, order=50,
@@ -9,5 +9,6 @@ SERVICE = Service(
     periodic="ingest_service.tasks:periodic",
     commands="ingest_service.commands:add_commands",
     on_up="ingest_service.tasks:recover_at_up",
+    listeners={EVENT: "ingest_service.tasks:on_event"},
     openapi="ingest_service.openapi:describe",
 )

@@ -26,8 +26,9 @@ from common.web import (
 )
 from ingest_service import models
 from common.auth import Identities
-from ingest_service import identity
+from ingest_service import identity, idempotency
 from ingest_service import openapi
+from ingest_service import resumable
 from ingest_service.dashboard import DashboardFiles
 from ingest_service.overview import JobViews
 from ingest_service.services import IngestService, parse_length
@@ -51,8 +52,10 @@ class Upload:
         request = cherrypy.serving.request
         try:
             identity = self.identities.identify(request.headers, request.remote.ip)
+            idempotent = idempotency.from_headers(request.headers.get(idempotency.KEY_HEADER),
+                                                  request.headers.get(idempotency.DEDUPE_HEADER))
             state = self.service.upload(request.rfile.read, parse_length(request.headers.get("Content-Length")),
-                                        identity)
+                                        identity, idempotent)
         except LabvaultError as exc:
             # A refusal before the body was read (401, 413) closes the connection: never read it.
             if exc.headers.get("Connection") != "close":
@@ -62,6 +65,131 @@ class Upload:
             drain(request.rfile)
             raise
         return json_body(state)
+
+
+class ResumableUploads:
+    """tus 1.0 at ``/uploads/`` (``ingest_service.resumable``): ``POST /uploads/`` creates,
+    ``HEAD``/``PATCH``/``DELETE /uploads/<id>``, ``OPTIONS /uploads/`` advertises; ``GET /uploads/<id>``
+    answers the job's state once the last byte is in (before that, where the upload stands)."""
+
+    exposed = True
+
+    def __init__(self, uploads: resumable.Uploads, service: IngestService, identities: Identities):
+        self.uploads = uploads
+        self.service = service
+        self.identities = identities
+
+    def OPTIONS(self, *path, **_params):  # noqa: N802
+        headers = _tus_answer()
+        headers.update({"Tus-Version": resumable.TUS_VERSION, "Tus-Extension": ",".join(resumable.EXTENSIONS),
+                        "Tus-Max-Size": str(self.uploads.max_bytes),
+                        "Tus-Checksum-Algorithm": ",".join(resumable.CHECKSUMS)})
+        cherrypy.serving.response.status = 204
+        return b""
+
+    @cherrypy.config(**{"request.process_request_body": False})
+    def POST(self, *path, **_params):  # noqa: N802
+        headers, request = _tus_answer(), cherrypy.serving.request
+        try:
+            identity = _identify(self.identities)  # first: a stranger learns nothing else
+            if path:
+                raise NotFound("create an upload with POST /uploads/", code="not_found")
+            if parse_length(request.headers.get("Content-Length")) or "Transfer-Encoding" in request.headers:
+                raise BadRequest("creating an upload takes no body: send the bytes with PATCH",
+                                 code="unexpected_body")
+            resumable.check_version(request.headers.get("Tus-Resumable"))
+        except LabvaultError:
+            _close_unread()
+            raise
+        row = self.uploads.create(identity, request.headers.get("Upload-Length"),
+                                  request.headers.get("Upload-Metadata"), request.headers.get("Upload-Defer-Length"))
+        location = f"{request.script_name}/uploads/{row.upload_id}"
+        headers.update({"Location": location, "Upload-Offset": "0",
+                        "Upload-Expires": resumable.http_date(row.expires)})
+        if row.job_id is not None:  # nothing to send: it is a job already
+            headers[resumable.JOB_HEADER] = str(row.job_id)
+        return json_body(_upload_document(row, 0, location), status=201)
+
+    def HEAD(self, *path, **_params):  # noqa: N802
+        headers, request = _tus_answer(), cherrypy.serving.request
+        identity = _identify(self.identities)
+        resumable.check_version(request.headers.get("Tus-Resumable"))
+        row = self.uploads.find(_upload_id(path), identity)
+        headers.update({"Upload-Offset": str(self.uploads.offset(row)), "Upload-Length": str(row.length),
+                        "Cache-Control": "no-store"})
+        if row.metadata:
+            headers["Upload-Metadata"] = row.metadata
+        if resumable.is_finished(row):
+            headers[resumable.JOB_HEADER] = str(row.job_id)
+        else:
+            headers["Upload-Expires"] = resumable.http_date(row.expires)
+        return b""
+
+    @cherrypy.config(**{"request.process_request_body": False})
+    def PATCH(self, *path, **_params):  # noqa: N802
+        headers, request = _tus_answer(), cherrypy.serving.request
+        try:
+            identity = _identify(self.identities)
+            resumable.check_version(request.headers.get("Tus-Resumable"))
+            content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if content_type != resumable.PATCH_TYPE:
+                raise resumable.UnsupportedMediaType(f"a PATCH body is Content-Type: {resumable.PATCH_TYPE}")
+            chunk = resumable.Chunk(offset=resumable.parse_number("upload_offset", request.headers.get("Upload-Offset")),
+                                    length=parse_length(request.headers.get("Content-Length")),
+                                    read=request.rfile.read,
+                                    checksum=resumable.parse_checksum(request.headers.get("Upload-Checksum")))
+            row, job_id = self.uploads.append(_upload_id(path), identity, chunk)
+        except LabvaultError as exc:
+            if exc.code not in ("upload_interrupted", "checksum_mismatch"):
+                _close_unread()  # refused before the body was read: never read it
+            raise
+        headers.update({"Upload-Offset": str(row.offset), "Upload-Expires": resumable.http_date(row.expires)})
+        if job_id is not None:
+            headers[resumable.JOB_HEADER] = str(job_id)
+            headers.pop("Upload-Expires")
+        cherrypy.serving.response.status = 204
+        return b""
+
+    def DELETE(self, *path, **_params):  # noqa: N802
+        _tus_answer()
+        identity = _identify(self.identities)
+        resumable.check_version(cherrypy.serving.request.headers.get("Tus-Resumable"))
+        self.uploads.terminate(_upload_id(path), identity)
+        cherrypy.serving.response.status = 204
+        return b""
+
+    def GET(self, *path, **_params):  # noqa: N802
+        identity = _identify(self.identities)
+        upload_id = _upload_id(path)
+        job_id = self.uploads.job_id(upload_id, identity)
+        if job_id is not None:
+            return json_body(self.service.state(job_id, identity))
+        row = self.uploads.find(upload_id, identity)
+        return json_body(_upload_document(row, self.uploads.offset(row),
+                                          f"{cherrypy.serving.request.script_name}/uploads/{row.upload_id}"))
+
+
+def _tus_answer():
+    """The response's headers, with the ``Tus-Resumable`` every tus answer carries (errors too)."""
+    headers = cherrypy.serving.response.headers
+    headers["Tus-Resumable"] = resumable.TUS_VERSION
+    return headers
+
+
+def _close_unread() -> None:
+    """Answer and close: a body left unread is never read (it may be gigabytes)."""
+    cherrypy.serving.response.headers["Connection"] = "close"
+
+
+def _upload_id(path: tuple) -> str:
+    if len(path) != 1:
+        raise NotFound("name the upload: /uploads/<upload_id>", code="upload_not_found")
+    return path[0]
+
+
+def _upload_document(row, offset: int, location: str) -> dict:
+    return {"upload_id": row.upload_id, "location": location, "length": int(row.length), "offset": offset,
+            "expires": str(row.expires), "job_id": None if row.job_id is None else int(row.job_id)}
 
 
 class Move:
@@ -202,6 +330,7 @@ class Root(HealthMixin):
 
     def __init__(self, service: IngestService, identities: Identities, views: JobViews, settings: Settings):
         self.ingest = self.upload = Upload(service, identities)
+        self.uploads = ResumableUploads(resumable.Uploads(settings, service, service.staging), service, identities)
         self.move = Move(service, identities)
         self.identity = TokenOwners()
         self.jobs = Jobs(views, identities)

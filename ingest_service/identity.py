@@ -5,10 +5,9 @@ services ask this service about a token's digest (``GET /identity/tokens/<digest
 """
 from __future__ import annotations
 
-from common.auth import Identities, new_token, token_digest
+from common.auth import Identities, new_token, revoke_by_prefix, token_digest
 from common.clients import MetadataClient
 from common.db import utcnow
-from common.errors import NotFound
 from common.settings import Settings
 from ingest_service.models import ApiToken
 
@@ -38,9 +37,4 @@ def token_rows(user: int | None = None) -> list[ApiToken]:
 
 def revoke_token(prefix: str) -> ApiToken:
     """Revoke the one live token whose digest starts with ``prefix`` (as ``token list`` shows it)."""
-    matches = list(ApiToken.select().where(ApiToken.digest.startswith(prefix.lower()) & ApiToken.revoked.is_null()))
-    if len(matches) != 1 or len(prefix) < 8:
-        raise NotFound(f"no single live token starts with {prefix[:16]!r} (give at least 8 characters)",
-                       code="token_not_found")
-    ApiToken.update(revoked=utcnow()).where(ApiToken.digest == matches[0].digest).execute()
-    return matches[0]
+    return revoke_by_prefix(ApiToken, prefix)

@@ -66,6 +66,11 @@ def create(job_id: int, kind: str = "upload", owner: int | None = None) -> Job:
                       exception="", created=now, updated=now, owner=owner)
 
 
+def delete(job_id: int) -> int:
+    """Remove a job row that never started (an upload whose idempotency key answered another job)."""
+    return Job.delete().where(Job.job_id == job_id).execute()
+
+
 def find(job_id: int) -> Job | None:
     """The job, or None when there is no such job."""
     return Job.get_or_none(Job.job_id == job_id)

@@ -25,11 +25,80 @@ JOB_ID = oa.path("job_id", "the job id (also the metadata transaction id)", {"ty
 TAR = {"required": True, "description": "the bundle: an uncompressed tar",
        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
 
+UPLOAD_STATUS = {
+    "type": "object",
+    "required": ["upload_id", "location", "length", "offset", "expires", "job_id"],
+    "properties": {
+        "upload_id": {"type": "string"}, "location": {"type": "string"},
+        "length": {"type": "integer"}, "offset": {"type": "integer", "description": "bytes the server holds"},
+        "expires": {"type": "string"}, "job_id": {"type": "integer", "nullable": True},
+    },
+}
+UPLOAD_ID = oa.path("upload_id", "the upload (as its Location names it)")
+TUS_RESUMABLE = oa.header("Tus-Resumable", "1.0.0 (tus); another or none is 412 with Tus-Version", required=True)
+
+
+def _no_content(description: str, headers: dict[str, str]) -> dict:
+    return {"description": description,
+            "headers": {name: {"description": text, "schema": {"type": "string"}} for name, text in headers.items()}}
+
+
+def resumable_paths() -> dict:
+    """tus 1.0 (core, creation, termination, expiration, checksum) at /uploads/."""
+    return {
+        "/uploads/": {
+            "options": oa.operation("tus discovery: the version, extensions, largest upload, checksum algorithms",
+                                    _no_content("what the server speaks", {
+                                        "Tus-Version": "1.0.0", "Tus-Extension": "creation,termination,expiration,checksum",
+                                        "Tus-Max-Size": "[ingest] max_bundle_bytes",
+                                        "Tus-Checksum-Algorithm": "sha1,sha256,sha512,md5"}), status="204"),
+            "post": oa.operation(
+                "create a resumable upload (tus creation); same identity and size limit as POST /ingest",
+                {**oa.json_response("the upload", {"$ref": "#/components/schemas/UploadStatus"}),
+                 "headers": {"Location": {"description": "the upload's URL", "schema": {"type": "string"}},
+                             "Upload-Expires": {"description": "RFC 7231 date", "schema": {"type": "string"}}}},
+                status="201", parameters=[
+                    TUS_RESUMABLE,
+                    oa.header("Upload-Length", "the bundle's size in bytes (413 over the limit)", required=True),
+                    oa.header("Upload-Metadata", "comma-separated 'key base64value' pairs, e.g. filename")]),
+        },
+        "/uploads/{upload_id}": {
+            "head": oa.operation("where the upload stands (tus core): Upload-Offset, Upload-Length, Upload-Expires; "
+                                 "Labvault-Job-Id once finished", _no_content("the offset", {
+                                     "Upload-Offset": "bytes the server holds", "Upload-Length": "the whole size"}),
+                                 parameters=[UPLOAD_ID, TUS_RESUMABLE]),
+            "patch": oa.operation(
+                "append bytes at Upload-Offset (409 elsewhere, 423 while another PATCH writes, 460 on a "
+                "checksum mismatch); the last byte makes the job, named by Labvault-Job-Id",
+                _no_content("the bytes are in", {"Upload-Offset": "the new offset",
+                                                 "Upload-Expires": "RFC 7231 date (unfinished uploads)",
+                                                 "Labvault-Job-Id": "the job, once the last byte is in"}),
+                status="204", parameters=[
+                    UPLOAD_ID, TUS_RESUMABLE, oa.header("Upload-Offset", "where these bytes go", required=True),
+                    oa.header("Upload-Checksum", "'<sha1|sha256|sha512|md5> <base64 digest>' of this chunk")],
+                body={"required": True, "description": "the next bytes of the bundle", "content": {
+                    "application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}}}),
+            "delete": oa.operation("terminate the upload and remove its bytes (tus termination)",
+                                   _no_content("removed", {}), status="204", parameters=[UPLOAD_ID, TUS_RESUMABLE]),
+            "get": oa.operation("the job's state once the last byte is in (as GET /get_state); before, the upload's",
+                                oa.json_response("the state", {"anyOf": [STATE_REF, {
+                                    "$ref": "#/components/schemas/UploadStatus"}]}), parameters=[UPLOAD_ID]),
+        },
+    }
+
 
 def describe() -> dict:
     paths = oa.common_paths()
-    upload = oa.operation("upload a bundle; answers the new job's state", oa.json_response("the job", STATE_REF),
-                          body=TAR)
+    upload = oa.operation(
+        "upload a bundle; answers the new job's state (with an idempotency key already bound to the "
+        "same bundle: the bound job's state, and no new job)", oa.json_response("the job", STATE_REF), body=TAR,
+        parameters=[oa.header("Idempotency-Key", "1 to 200 visible ASCII characters naming this upload, per "
+                              "uploader: the same bundle again answers the job it made; another bundle is 409 "
+                              "idempotency_key_reused; kept [ingest] idempotency_hours"),
+                    oa.header("Labvault-Dedupe", "'digest': the bundle's SHA-256 is its idempotency key "
+                              "(the same bytes again answer the job they made)")],
+        extra={"409": oa.json_response("idempotency_key_reused: the key was bound to another bundle",
+                                       {"$ref": "#/components/schemas/Error"})})
     paths.update({
         "/ingest": {"post": upload},
         "/upload": {"post": {**upload, "summary": "alias of POST /ingest (Pacifica clients)"}},
@@ -69,5 +138,6 @@ def describe() -> dict:
             "a service's OpenAPI description, for the dashboard's rendering",
             parameters=[oa.path("service", "a service name")])},
     })
+    paths.update(resumable_paths())
     return oa.document("labvault ingest", "Uploads (Pacifica ingest contract), jobs, the dashboard.", paths,
-                       schemas={"State": STATE})
+                       schemas={"State": STATE, "UploadStatus": UPLOAD_STATUS})

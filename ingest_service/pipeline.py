@@ -46,7 +46,7 @@ from common.heartbeat import Heartbeat
 from common.errors import LabvaultError
 from common.hashing import CHUNK_SIZE, HashingReader
 from common.settings import Settings
-from ingest_service import jobs, models
+from ingest_service import jobs, models, notices
 from ingest_service.models import Job
 from ingest_service.cleanup import remove_archive_files
 from ingest_service.staging import Staging
@@ -197,10 +197,12 @@ class JobRun:
         try:
             if self.job.kind == "move":
                 manifest = self._load_move_document()
+                self._note_project(manifest)
                 self._check_policy(manifest)
                 self._move_files(manifest)
             else:
                 manifest = self._open_bundle()
+                self._note_project(manifest)
                 self._check_policy(manifest)
                 self._ingest_files(manifest)
             self._ingest_metadata(manifest)
@@ -227,6 +229,7 @@ class JobRun:
         # The hand-off: whoever derives data from what arrived (stats, computed files) hears of
         # it here. Listeners only enqueue; one that fails is logged and the job stays OK.
         registry.emit(registry.INGESTED, self.settings, job_id=self.job_id)
+        notices.job_ended(self.settings, self.job_id)
         return jobs.OK
 
     # -- steps --------------------------------------------------------------
@@ -269,6 +272,15 @@ class JobRun:
                 raise BundleError("the staged move document is gone", code="bundle_missing")
             document = bundles.decode_metadata(path.read_bytes())
             return bundles.parse_manifest(document, with_source=True)
+
+    def _note_project(self, manifest: Manifest) -> None:
+        """Record the project the metadata names on the job (what its events are filtered by)."""
+        for entry in manifest.document:
+            if entry.get("destinationTable") == "Transactions.project":
+                value = entry.get("value")
+                if isinstance(value, (str, int)) and not isinstance(value, bool) and 0 < len(str(value)) <= 255:
+                    jobs.update(self.job_id, project=jobs.storable(str(value)))
+                return
 
     def _check_policy(self, manifest: Manifest) -> None:
         with self.step(jobs.POLICY):
@@ -538,6 +550,7 @@ def fail_job(context: IngestContext, job_id: int, step: str, error: LabvaultErro
     context.staging.discard(job_id)
     job = jobs.get(job_id)
     jobs.set_state(job_id, jobs.FAILED, step, job.task_percent, error.as_exception_text())
+    notices.job_ended(context.settings, job_id)
 
 
 def _remove_archive_files(context: IngestContext, job_id: int) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.errors import LabvaultError
-from ingest_service import jobs, pipeline
+from ingest_service import idempotency, jobs, pipeline, resumable, webhooks
 from ingest_service.cleanup import sweep_pending_deletes
 from ingest_service.models import Job
 
@@ -48,11 +48,24 @@ class Reaped:
 
 def run(context: pipeline.IngestContext, enqueue: Callable[[int], None],
         stale_before: datetime.datetime | None = None) -> list[Reaped]:
-    """The reaper's one entry point: settle quiet jobs (``reap``), then finish the archive
-    deletions failed jobs had to leave (``cleanup.sweep_pending_deletes``)."""
+    """The reaper's one entry point: settle quiet jobs (``reap``), finish the archive deletions
+    failed jobs had to leave (``cleanup.sweep_pending_deletes``), remove resumable uploads past
+    their expiry, rows and bytes (``resumable.expire``), and forget what expired (idempotency
+    keys, old webhook delivery records)."""
     reaped = reap(context, enqueue, stale_before)
     sweep_pending_deletes(context.staging, context.archive)
+    resumable.expire(context.staging)
+    forget(context.settings)
     return reaped
+
+
+def forget(settings) -> None:
+    """Remove expired idempotency keys and webhook delivery records older than ``[events] keep_days``."""
+    expired = idempotency.expire()
+    old = webhooks.forget_deliveries(settings.getfloat("events", "keep_days"))
+    if expired or old:
+        logger.info("reaper: %d expired idempotency key(s), %d old webhook delivery record(s) removed",
+                    expired, old)
 
 
 def reap(context: pipeline.IngestContext, enqueue: Callable[[int], None],

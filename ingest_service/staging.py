@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 PENDING_DELETES = "pending-deletes"
+UPLOADS = "uploads"
 
 
 class Staging:
@@ -49,8 +50,11 @@ class Staging:
         return datetime.datetime.fromtimestamp(max(times), datetime.UTC).replace(tzinfo=None)
 
     def receive(self, job_id: int, read: Callable[[int], bytes], limit: int,
-                suffix: str = ".tar", expected: int | None = None) -> int:
+                suffix: str = ".tar", expected: int | None = None, digest=None) -> int:
         """Stream ``read`` into ``<job_id><suffix>`` in chunks; returns the byte count.
+
+        ``digest`` (a ``hashlib`` object) is fed every chunk on the way, so the bundle's
+        hash costs no second read.
 
         The bytes land under a ``.part`` name and are renamed once complete, so a
         staged bundle is always whole. Whatever goes wrong, what was written is
@@ -70,21 +74,12 @@ class Staging:
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             try:
-                while True:
-                    try:
-                        chunk = read(CHUNK)
-                    except Exception as exc:  # noqa: BLE001 - the client side of the body failed
-                        raise UploadInterrupted(f"the upload stopped after {total} bytes "
-                                                f"({type(exc).__name__})") from None
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if total > limit:
-                        raise PayloadTooLarge(f"bundle larger than the limit of {limit} bytes")
+                def write(chunk: bytes) -> None:
+                    if digest is not None:
+                        digest.update(chunk)
                     with _disk_errors():
                         _write_all(fd, chunk)
-                if expected is not None and total != expected:
-                    raise UploadInterrupted(f"the upload stopped after {total} of {expected} bytes")
+                total = read_body(read, limit, expected, write)
                 with _disk_errors():
                     os.fsync(fd)
             finally:
@@ -95,6 +90,25 @@ class Staging:
             part.unlink(missing_ok=True)
             raise
         return total
+
+    # -- resumable uploads -----------------------------------------------------------
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.root / UPLOADS
+
+    def upload_part(self, upload_id: str) -> Path:
+        """Where the bytes of resumable upload ``upload_id`` (hex, checked by the caller) collect."""
+        return self.uploads_dir / f"{upload_id}.part"
+
+    def adopt(self, job_id: int, part: Path) -> int:
+        """Make the whole bytes at ``part`` (a finished resumable upload, on this volume) the staged
+        bundle of ``job_id``: one rename, so the bundle is whole or absent; returns its size."""
+        final = self.bundle_path(job_id)
+        with _disk_errors():
+            size = part.stat().st_size
+            os.replace(part, final)
+        return size
 
     def discard(self, job_id: int) -> None:
         """Remove everything staged for ``job_id`` (no error when nothing is there)."""
@@ -149,6 +163,32 @@ class Staging:
             except (OSError, ValueError, KeyError, TypeError):
                 logger.error("unreadable pending-delete record %s; left for an operator", record.name)
         return pending
+
+
+def read_body(read: Callable[[int], bytes], limit: int, expected: int | None,
+              sink: Callable[[bytes], None]) -> int:
+    """Pass the body ``read`` gives to ``sink`` chunk by chunk; returns the byte count.
+
+    Over ``limit`` bytes is 413; a ``read`` that fails, or a body shorter than its declared
+    ``expected`` length, is ``upload_interrupted``. ``Staging.receive`` writes with it; an
+    upload whose key is already bound only hashes with it (its bytes are not needed).
+    """
+    total = 0
+    while True:
+        try:
+            chunk = read(CHUNK)
+        except Exception as exc:  # noqa: BLE001 - the client side of the body failed
+            raise UploadInterrupted(f"the upload stopped after {total} bytes "
+                                    f"({type(exc).__name__})") from None
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(f"bundle larger than the limit of {limit} bytes")
+        sink(chunk)
+    if expected is not None and total != expected:
+        raise UploadInterrupted(f"the upload stopped after {total} of {expected} bytes")
+    return total
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -2,31 +2,33 @@
 from __future__ import annotations
 
 import datetime
+import logging
 
 from celery import Celery
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
+from common.access import Directory
 from common.celery_app import RetryLater, celery_for, enqueue, make_celery, shutting_down, task
 from common.db import bind
-from common.settings import Settings
-from ingest_service import jobs, models, pipeline, reaper
+from common.errors import LabvaultError
+from common.settings import Settings, once_per_settings
+from ingest_service import jobs, models, pipeline, reaper, webhooks
+
+logger = logging.getLogger(__name__)
 
 PROCESS_JOB = "ingest.process_job"
 REAP_JOBS = "ingest.reap_jobs"
+PUBLISH_EVENT = "ingest.publish_event"
+DELIVER_EVENT = "ingest.deliver_event"
 
 # Per worker process and settings object. Each entry keeps its settings object alive, so
 # no later settings object can reuse its id() and be taken for it (tests build many).
-_contexts: dict[int, tuple[Settings, pipeline.IngestContext]] = {}
-
-
+@once_per_settings
 def context_for(settings: Settings) -> pipeline.IngestContext:
     """One context (database binding, HTTP session) per worker process and settings."""
-    entry = _contexts.get(id(settings))
-    if entry is None:
-        bind(models.database, settings.database_url("ingest"))
-        entry = _contexts[id(settings)] = (settings, pipeline.IngestContext.from_settings(
-            settings, time_limits=(SoftTimeLimitExceeded,), stopping=shutting_down))
-    return entry[1]
+    bind(models.database, settings.database_url("ingest"))
+    return pipeline.IngestContext.from_settings(settings, time_limits=(SoftTimeLimitExceeded,),
+                                                stopping=shutting_down)
 
 
 def enqueue_job(app: Celery, job_id: int) -> None:
@@ -82,6 +84,50 @@ def reap_jobs(settings: Settings) -> list[str]:
     with models.database.connection_context():
         reaped = reaper.run(context, lambda job_id: enqueue_job(app, job_id))
     return [str(entry) for entry in reaped]
+
+
+def on_event(settings: Settings, cloud_event: dict) -> None:
+    """The listener of ``registry.EVENT`` (in whichever process published it): only enqueue the fan-out.
+
+    The event travels as the task's argument, not as an id: it may come from a service that
+    cannot write this service's tables (the stats workers), and it is small.
+    """
+    enqueue(celery_for(settings), PUBLISH_EVENT, cloud_event)
+
+
+@task(PUBLISH_EVENT, queue="ingest")
+def publish_event(settings: Settings, event: dict) -> int:
+    """Enqueue one delivery of ``event`` per subscription it goes to; returns how many."""
+    context = context_for(settings)
+    directory = Directory(context.metadata)
+    seen: dict[tuple[int, str], bool] = {}
+
+    def may_see(user: int, project: str) -> bool:
+        if (user, project) not in seen:
+            seen[user, project] = directory.may_see_project(user, project)
+        return seen[user, project]
+
+    try:
+        with models.database.connection_context():
+            targets = webhooks.matching(event, may_see)
+    except LabvaultError as exc:
+        # The metadata service (who may see what) is away: the event waits rather than be lost.
+        raise RetryLater(10.0, f"event {event.get('id')}: {exc.as_exception_text()}") from None
+    app = celery_for(settings)
+    for subscription in targets:
+        enqueue(app, DELIVER_EVENT, int(subscription.id), event)
+    return len(targets)
+
+
+@task(DELIVER_EVENT, queue="ingest")
+def deliver_event(settings: Settings, subscription_id: int, event: dict) -> str:
+    """One attempt to deliver ``event`` to a subscription; a failure comes back with backoff."""
+    context_for(settings)  # binds the database
+    with models.database.connection_context():
+        outcome = webhooks.deliver(settings, int(subscription_id), event)
+    if isinstance(outcome, webhooks.Retry):
+        raise RetryLater(outcome.delay, f"webhook {subscription_id}: {outcome.reason}")
+    return outcome
 
 
 def reap_once(settings: Settings, stale_before: datetime.datetime | None = None) -> list[reaper.Reaped]:

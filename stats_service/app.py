@@ -214,11 +214,19 @@ class ComputedFiles:
         return json_body(document)
 
     def _url(self, row: ComputedFile, token) -> tuple[str, str]:
+        """A presigned S3 URL when the archive can make one, else a URL labvault signs and serves."""
         seconds = self.settings.getfloat("downloads", "url_seconds")
-        path, expires = downloads.signed_path(row.id, seconds)
-        base = (self.settings.get("downloads", "public_url", "").strip() or self.settings.service_url("stats"))
-        downloads.record(token, f"computed_file {row.id}", "signed", expires)
-        return base.rstrip("/") + path, f"{expires:%Y-%m-%d %H:%M:%S}"
+        output = models.RunOutput.get_or_none((models.RunOutput.run == row.run) & (models.RunOutput.name == row.output))
+        url = (None if output is None
+               else self.engine.archive.presigned_url(output.archive_id, int(seconds), row.filename))
+        if url is not None:
+            kind, expires = "s3", downloads.expiry(seconds)
+        else:
+            path, expires = downloads.signed_path(row.id, seconds)
+            base = (self.settings.get("downloads", "public_url", "").strip() or self.settings.service_url("stats"))
+            kind, url = "signed", base.rstrip("/") + path
+        downloads.record(token, f"computed_file {row.id}", kind, expires)
+        return url, f"{expires:%Y-%m-%d %H:%M:%S}"
 
 
 class Download:

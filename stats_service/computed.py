@@ -11,6 +11,7 @@ import json
 import logging
 from typing import Any
 
+from common import events
 from common.db import utcnow
 from stats_service.catalog import ANNDATA
 from stats_service.models import OK, ComputedFile, Run, RunOutput
@@ -78,7 +79,15 @@ def register(engine, kind: str, run: Run) -> ComputedFile:
     (ComputedFile.insert(project=inputs["project"], sample=sample, kind=kind, **values)
      .on_conflict(conflict_target=[ComputedFile.project, ComputedFile.sample, ComputedFile.kind], update=values)
      .execute())
-    return ComputedFile.get(where)
+    row = ComputedFile.get(where)
+    if not row.skipped_code:
+        # New bytes for downloaders (a skip built nothing to fetch).
+        # Without the input digests: one per file of the project, they would make the event as
+        # large as the project is wide (GET /computed_files/<id> has them).
+        data = {key: value for key, value in document(row).items() if key != "inputs"}
+        events.publish(engine.settings, events.COMPUTED_FILE_BUILT, "stats",
+                       f"projects/{row.project}/computed_files/{row.id}", data, row.project)
+    return row
 
 
 def document(row: ComputedFile) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import time
 from typing import Iterable, Iterator
 
 from common.access import Directory
+from common.auth import revoke_by_prefix
 from common.db import utcnow
 from common.errors import BadRequest, Forbidden, NotFound
 from common.hashing import CHUNK_SIZE
@@ -92,14 +93,7 @@ def valid_token(api_key: str | None) -> DownloadToken:
 
 def revoke_token(prefix: str) -> DownloadToken:
     """Revoke the one live token whose digest starts with ``prefix`` (as ``download-token list`` shows)."""
-    prefix = prefix.strip().lower()
-    matches = list(DownloadToken.select().where(DownloadToken.digest.startswith(prefix)
-                                                & DownloadToken.revoked.is_null()))
-    if len(matches) != 1 or len(prefix) < 8:
-        raise NotFound(f"no single live token starts with {prefix[:16]!r} (give at least 8 characters)",
-                       code="token_not_found")
-    DownloadToken.update(revoked=utcnow()).where(DownloadToken.digest == matches[0].digest).execute()
-    return DownloadToken.get_by_id(matches[0].digest)
+    return revoke_by_prefix(DownloadToken, prefix)
 
 
 # -- who may download what -----------------------------------------------------------
@@ -137,10 +131,16 @@ def signature(computed_id: int, expires: int) -> str:
                     hashlib.sha256).hexdigest()
 
 
+def expiry(seconds: float) -> datetime.datetime:
+    """When a URL issued now for ``seconds`` stops working (naive UTC, whole seconds)."""
+    return datetime.datetime.fromtimestamp(int(time.time() + seconds), datetime.timezone.utc).replace(tzinfo=None)
+
+
 def signed_path(computed_id: int, seconds: float) -> tuple[str, datetime.datetime]:
-    expires = int(time.time() + seconds)
-    return (f"/download/computed/{int(computed_id)}?expires={expires}&signature={signature(computed_id, expires)}",
-            datetime.datetime.fromtimestamp(expires, datetime.timezone.utc).replace(tzinfo=None))
+    expires = expiry(seconds)
+    epoch = int(expires.replace(tzinfo=datetime.timezone.utc).timestamp())
+    return (f"/download/computed/{int(computed_id)}?expires={epoch}&signature={signature(computed_id, epoch)}",
+            expires)
 
 
 def check_signature(computed_id: int, expires: str | None, given: str | None) -> None:

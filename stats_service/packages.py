@@ -21,7 +21,7 @@ from typing import BinaryIO, Callable, Iterable
 from common.errors import Conflict
 
 # Part of the cache key of a computed file: bump it whenever the README text changes.
-TEMPLATE_VERSION = "1"
+TEMPLATE_VERSION = "2"
 
 MANIFEST_NAME = "MANIFEST.sha256"
 CHUNK_SIZE = 1024 * 1024
@@ -37,6 +37,7 @@ DEFLATE_LEVEL = 6
 # Error codes (on PackageError).
 INPUT_CORRUPT = "input_corrupt"
 UNSAFE_MEMBER = "unsafe_member"
+DUPLICATE_MEMBER = "duplicate_member"
 
 FIXED_COLUMNS = ("project", "sample", "transaction", "submitter", "instrument", "path", "size",
                  "hashtype", "hashsum", "sha256", "mimetype")
@@ -91,7 +92,7 @@ def write_zip(target: Path, members: Iterable[Member], extra: dict[str, bytes]) 
         name, source = (item.name, item) if isinstance(item, Member) else (item[0], bytes(item[1]))
         safe = safe_member_name(name)
         if safe in entries or safe == MANIFEST_NAME:
-            raise ValueError(f"duplicate member name {safe!r}")
+            raise PackageError(f"two members are named {_CONTROL.sub('?', safe)[:200]!r}", code=DUPLICATE_MEMBER)
         entries[safe] = source
     target = Path(target)
     written: list[tuple[str, int, str]] = []
@@ -196,6 +197,40 @@ def sample_layout(sample: str | None, subdir: str, name: str) -> str:
     for piece in (subdir, name):
         parts += [_safe_part(part) for part in str(piece or "").replace("\\", "/").split("/")]
     return "/".join(part for part in parts if part)
+
+
+def unique_names(files: Iterable[tuple[str, int, int]]) -> dict[int, str]:
+    """Member names for files given as ``(laid-out name, transaction, file id)``, by file id.
+
+    A name several files share (the same path uploaded again, or sample names that read the
+    same once made safe) stays with the newest of them (highest transaction, then file id);
+    each other one gets ``.file-<id>`` before its extension (``run1/a.file-7.txt``). The same
+    inputs give the same names."""
+    by_name: dict[str, list[tuple[int, int]]] = {}
+    for name, transaction, file_id in files:
+        by_name.setdefault(name, []).append((int(transaction), int(file_id)))
+    names: dict[int, str] = {}
+    renamed: list[tuple[int, str]] = []
+    for name, owners in by_name.items():
+        owners.sort()
+        names[owners[-1][1]] = name
+        renamed += [(file_id, name) for _, file_id in owners[:-1]]
+    taken = set(by_name)
+    for file_id, name in sorted(renamed):
+        candidate, attempt = _with_suffix(name, f".file-{file_id}"), 1
+        while candidate in taken:  # a file of that very name exists too
+            attempt += 1
+            candidate = _with_suffix(name, f".file-{file_id}-{attempt}")
+        names[file_id] = candidate
+        taken.add(candidate)
+    return names
+
+
+def _with_suffix(name: str, suffix: str) -> str:
+    folder, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".") if not base.startswith(".") else (base, "", "")
+    renamed = f"{stem}{suffix}{dot}{extension}"
+    return f"{folder}/{renamed}" if folder else renamed
 
 
 def _safe_part(part: str) -> str:

@@ -17,6 +17,7 @@ import json
 import logging
 from typing import Any
 
+from common import events
 from common.db import close_quietly, utcnow
 from common.errors import LabvaultError
 from common.heartbeat import Heartbeat
@@ -118,6 +119,10 @@ def _build(engine: Engine, project: str, force: bool) -> str:
         raise
     ProjectStats.update(inputs_digest=digest).where(ProjectStats.project == project).execute()
     logger.info("project %s: statistics and computed files built from %d file(s)", project, len(files))
+    events.publish(engine.settings, events.STATS_BUILT, "stats", f"projects/{project}", {
+        "project": project, "state": OK, "built": summary["built"], "totals": summary["totals"],
+        "figures": [figure["name"] for figure in figures_of(engine, summary.get("figures_run"))],
+        "figure_errors": summary.get("figure_errors", {})}, project)
     return BUILT
 
 

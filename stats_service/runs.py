@@ -39,6 +39,12 @@ from stats_service.operations.base import Operation, RunContext
 
 logger = logging.getLogger(__name__)
 
+# Outputs are archived under ids of their own range, so the files users upload keep
+# consecutive ids (a transaction's files are not interleaved with the stats they caused).
+# Below 2**53, so a browser reads every id exactly.
+DERIVED_ID_MODE = "derived_file"
+DERIVED_ID_BASE = 10 ** 15
+
 LIBRARIES = ("numpy", "scipy", "h5py", "anndata", "matplotlib", "labvault")
 MAX_JSON_DEPTH = 32
 
@@ -308,7 +314,7 @@ class Engine:
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(CHUNK_SIZE), b""):
                 digest.update(chunk)
-        archive_id = self.metadata.getid("file", 1)
+        archive_id = DERIVED_ID_BASE + self.metadata.getid(DERIVED_ID_MODE, 1)
         self.archive.put(archive_id, lambda: open(path, "rb"), "sha256", digest.hexdigest())
         return RunOutput.create(run=run.run_id, name=name, archive_id=archive_id, size=path.stat().st_size,
                                 sha256=digest.hexdigest(), content_type=content_type)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from common.celery_app import celery_for, enqueue, task
 from common.db import bind
-from common.settings import Settings
+from common.settings import Settings, once_per_settings
 from stats_service import models, projects
 from stats_service.runs import Engine
 
@@ -14,16 +14,11 @@ REFRESH_PROJECTS = "stats.refresh_projects"
 REAP_RUNS = "stats.reap_runs"
 
 # Per process and settings object; each entry keeps its settings object alive (see celery_for).
-_engines: dict[int, tuple[Settings, Engine]] = {}
-
-
+@once_per_settings
 def engine_for(settings: Settings) -> Engine:
     """One engine (database binding, HTTP session, discovered operations) per process and settings."""
-    entry = _engines.get(id(settings))
-    if entry is None:
-        bind(models.database, settings.database_url("stats"))
-        entry = _engines[id(settings)] = (settings, Engine(settings))
-    return entry[1]
+    bind(models.database, settings.database_url("stats"))
+    return Engine(settings)
 
 
 def periodic(settings: Settings) -> dict:

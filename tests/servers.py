@@ -10,6 +10,7 @@ for the session in a temporary directory; tests make their own buckets in it.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import tempfile
 import time
@@ -151,7 +152,7 @@ def existing_vhosts() -> set[str]:
 
 @dataclass(frozen=True)
 class S3Endpoint:
-    """Where a test S3 server listens and the keys it takes (SeaweedFS without identities takes any)."""
+    """Where a test S3 server listens and the one identity it takes."""
 
     url: str
     access_key: str = "labvault-test"
@@ -207,14 +208,21 @@ def seaweedfs(timeout: float = 60.0) -> Iterator[S3Endpoint]:
     log = open(folder / "weed.log", "wb")
     data = folder / "data"
     data.mkdir()
+    # With an identity SeaweedFS checks every signature (and a presigned URL's expiry);
+    # without one it would take any request.
+    endpoint = S3Endpoint(f"http://127.0.0.1:{s3_port}")
+    identities = folder / "s3.json"
+    identities.write_text(json.dumps({"identities": [{
+        "name": "labvault-test",
+        "credentials": [{"accessKey": endpoint.access_key, "secretKey": endpoint.secret_key}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
     process = subprocess.Popen(
         [binary, "server", "-s3", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
          f"-s3.port={s3_port}", f"-master.port={master_port}", f"-volume.port={volume_port}",
          f"-filer.port={filer_port}", "-volume.max=2000",
          "-master.volumeSizeLimitMB=256", "-s3.port.iceberg=0", "-s3.port.lance=0",
-         "-master.telemetry=false"],
+         "-master.telemetry=false", f"-s3.config={identities}"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = S3Endpoint(f"http://127.0.0.1:{s3_port}")
     try:
         _wait_for_s3(endpoint, process, timeout, folder / "weed.log")
         yield endpoint

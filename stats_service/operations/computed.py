@@ -101,10 +101,13 @@ class _DataZip(_Package):
         members = []
         if self.with_data:
             engine = context.engine
+            names = packages.unique_names(
+                (packages.sample_layout(sample_of(entry, key), entry["record"].subdir, entry["record"].name),
+                 entry["record"].transaction, entry["record"].file_id) for entry in described)
             for entry in described:
                 record: FileRecord = entry["record"]
                 members.append(packages.Member(
-                    name=packages.sample_layout(sample_of(entry, key), record.subdir, record.name), size=record.size,
+                    name=names[record.file_id], size=record.size,
                     open=lambda record=record: VerifyingReader(engine.open_archived(record.file_id), record.size,
                                                                record.hashtype, record.hashsum, record.path)))
         extra = {"metadata.tsv": packages.metadata_tsv(tsv_rows(described, key)),

@@ -159,5 +159,42 @@ def _client(port: int, seconds: float) -> list[float]:
     return latencies
 
 
+def poll_until(url: str, job_id: int, token: str | None, stop, send) -> None:
+    """Ask ``GET /get_state`` for ``job_id`` back to back until ``stop`` is set (a process target);
+    sends a summary (requests, errors, requests/s, p50 and p99 ms) through the pipe end ``send``.
+
+    ``tests.bench.ingest`` runs it while a job is ingested: the rate under load."""
+    import urllib.parse
+    parsed = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=10)
+    path = f"{parsed.path.rstrip('/')}/get_state?job_id={job_id}"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    latencies, errors = [], 0
+    started = time.monotonic()
+    while not stop.is_set():
+        start = time.monotonic()
+        try:
+            # Keep-alive where the server keeps it (CherryPy); http.client reconnects where it
+            # closes after each answer (uWSGI's http-socket).
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            response.read()
+        except (ConnectionError, http.client.HTTPException, TimeoutError):
+            connection.close()
+            errors += 1
+            continue
+        if response.status != 200:
+            errors += 1
+            continue
+        latencies.append(time.monotonic() - start)
+    seconds = time.monotonic() - started
+    latencies.sort()
+    count = len(latencies)
+    send.send({"requests": count, "errors": errors, "seconds": round(seconds, 3),
+               "requests_per_s": round(count / seconds, 1) if seconds else 0.0,
+               "p50_ms": round(latencies[count // 2] * 1000, 2) if count else None,
+               "p99_ms": round(latencies[min(count - 1, int(count * 0.99))] * 1000, 2) if count else None})
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -61,7 +61,8 @@ def test_ingest_wait_exits_1_on_a_failed_job(stack, tmp_path):
 
 
 def test_every_command_has_help():
-    for command in ("up", "serve", "worker", "beat", "dbsync", "dbchk", "job", "reap", "seed", "bundle", "ingest"):
+    for command in ("up", "serve", "worker", "beat", "dbsync", "dbchk", "job", "reap", "seed", "bundle", "ingest",
+                    "webhook"):
         result = subprocess.run([LABVAULT, command, "--help"], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "usage: labvault" in result.stdout, command
 

@@ -5,6 +5,7 @@ next `labvault up` completes it;
 a job whose worker keeps dying fails ``worker_lost`` and leaves nothing behind; and
 ``labvault reap`` settles what it finds, printing what it did.
 """
+import json
 import os
 import signal
 from pathlib import Path
@@ -201,8 +202,10 @@ def test_labvault_reap_settles_quiet_jobs_and_says_what_it_did(tmp_path):
         "job 4: failed (at 'UPLOADING': upload_interrupted: the upload stopped before the whole bundle arrived)",
         "reap: 2 re-enqueued, 2 failed",
     ]
-    queued = list((stack.settings.path("celery", "broker_dir") / "out").glob("*.msg"))
-    assert len(queued) == 2
+    queued = [json.loads(path.read_text())["headers"]["task"]
+              for path in (stack.settings.path("celery", "broker_dir") / "out").glob("*.msg")]
+    # The two re-driven jobs, and the job.failed events of the two it ended (for the webhooks).
+    assert sorted(queued) == ["ingest.process_job"] * 2 + ["ingest.publish_event"] * 2
     assert sorted(p.name for p in staging.iterdir()) == ["1.tar", "2.tar", "5.tar.part"]
     with db.bind_ctx([Job]):
         assert Job.get_by_id(2).claimed_by is None  # the lost run's claim is gone: the new run starts at once

@@ -309,3 +309,16 @@ def test_patch_through_the_archive_client(client, sources):
     with pytest.raises(LabvaultError) as excinfo:
         client.patch(43, "/etc/passwd")
     assert (excinfo.value.status, excinfo.value.code) == (403, "path_not_allowed")
+
+
+def test_presign_on_posix_is_refused_with_a_code_and_checks_its_arguments(base_url, client):
+    assert requests.put(f"{base_url}/31", data=b"bytes", timeout=10).status_code == 201
+    assert_error(requests.get(f"{base_url}/presign/31", timeout=10), 404, "presign_unsupported")
+    assert client.presigned_url(31, 60) is None
+    assert_error(requests.get(f"{base_url}/presign/32", timeout=10), 404, "file_not_found")
+    assert_error(requests.get(f"{base_url}/presign/31", params={"expires": "0"}, timeout=10), 400, "invalid_expires")
+    assert_error(requests.get(f"{base_url}/presign/31", params={"expires": str(10**30)}, timeout=10), 400,
+                 "invalid_expires")
+    assert_error(requests.get(f"{base_url}/presign/31", params={"filename": "x" * 300}, timeout=10), 400,
+                 "invalid_filename")
+    assert requests.get(f"{base_url}/presign/x/y", timeout=10).status_code == 404

@@ -63,3 +63,42 @@ def test_a_wrong_hash_leaves_no_object_and_no_open_upload(s3_stack):
     assert final["exception"].startswith("hash_mismatch: ")
     assert bucket_contents(s3_stack) == before
     assert before[1] == []
+
+
+def test_a_computed_file_on_s3_downloads_through_a_presigned_url_that_expires(s3_stack):
+    import hashlib
+    import time
+    from tests.helpers import new_project, payload_bundle, wait_for
+
+    project = new_project(s3_stack, "s3dl")
+    final = s3_stack.ingest(payload_bundle({"tables/a.csv": b"x,y\n1,2\n"}, project=project, keys={"sample": "s1"}))
+    assert final["state"] == "OK", final
+    stats = s3_stack.url("stats")
+
+    def project_zip():
+        listed = requests.get(f"{stats}/computed_files", params={"project": project}, timeout=30).json()
+        return next((row for row in listed if row["kind"] == "project_zip" and row["sha256"]), None)
+    row = wait_for(project_zip, timeout=120, interval=0.3, message=f"the project zip of {project}")
+    key = requests.post(f"{stats}/tokens", json={"email": "reader@example.org", "is_activated": True},
+                        timeout=30).json()["id"]
+    answer = requests.get(f"{stats}/computed_files/{row['id']}", headers={"API-KEY": key}, timeout=30).json()
+    url = answer["download_url"]
+    # Presigned by S3 itself: the URL names the S3 server and carries a SigV4 signature.
+    assert url.startswith(s3_stack.s3.meta.endpoint_url) and "X-Amz-Signature=" in url, url
+    body = requests.get(url, timeout=60)
+    assert body.status_code == 200 and hashlib.sha256(body.content).hexdigest() == row["sha256"]
+    assert body.headers["Content-Type"] == "application/octet-stream"
+    assert row["filename"] in body.headers.get("Content-Disposition", "")
+    tampered = url.replace("X-Amz-Expires=", "X-Amz-Expires=9")
+    assert requests.get(tampered, timeout=30).status_code == 403
+    # An URL past its expiry stops working (asked of the archive with one second to live).
+    output = requests.get(f"{s3_stack.url('archive')}/presign/{_archive_id_of(s3_stack, url)}",
+                          params={"expires": "1"}, timeout=30).json()
+    time.sleep(2.5)
+    assert requests.get(output["url"], timeout=30).status_code == 403
+
+
+def _archive_id_of(stack, url: str) -> int:
+    """The archive file id in a presigned URL's object key (``<prefix>/<id>``)."""
+    path = url.split("?", 1)[0]
+    return int(path.rstrip("/").rsplit("/", 1)[1])

@@ -79,6 +79,24 @@ def test_the_zips_hold_exactly_the_expected_members_and_their_manifest_checks(st
         assert project in readme and "sha256sum -c MANIFEST.sha256" in readme
 
 
+def test_a_bundle_sent_twice_packages_both_copies_under_distinct_names(stack):
+    name = new_project(stack, "twice")
+    bundle = payload_bundle({"tables/a.csv": CSV_A}, project=name, keys={"sample": "s1"})
+    jobs = [stack.ingest(bundle) for _ in range(2)]
+    assert [final["state"] for final in jobs] == ["OK", "OK"], jobs
+    ids = sorted(row["_id"] for job in jobs for row in requests.get(
+        f"{stack.url('metadata')}/files", params={"transaction": job["job_id"]}, timeout=30).json())
+
+    def both_packaged():
+        row = computed(stack, name, 3).get(("project_zip", None))
+        return row if row and row["sha256"] and {str(i) for i in ids} <= set(row["inputs"]) else None
+    row = wait_for(both_packaged, timeout=120, interval=0.3, message="a project zip of both copies")
+    archive = zipfile.ZipFile(io.BytesIO(download(stack, row["id"], token(stack))))
+    assert {member for member in archive.namelist() if member.startswith("s1/")} == {
+        "s1/tables/a.csv", f"s1/tables/a.file-{ids[0]}.csv"}
+    assert archive.read("s1/tables/a.csv") == archive.read(f"s1/tables/a.file-{ids[0]}.csv") == CSV_A
+
+
 def test_the_merged_anndata_has_every_cell_and_the_raw_counts(stack, project, tmp_path):
     import anndata
     files = computed(stack, project, 5)

@@ -68,6 +68,19 @@ def test_a_token_of_user_11_uploading_as_submitter_10_is_rejected(token_stack):
     assert "not the authenticated uploader 11" in final["exception"]
 
 
+def test_idempotency_keys_are_per_uploader(token_stack):
+    """User 11 sending user 10's key makes their own job: a key never reveals another user's job."""
+    mine, theirs = bearer(token_stack.tokens[10]), bearer(token_stack.tokens[11])
+    raw = fixture_bundle("good-md.json")
+    first = post(token_stack, raw, {**mine, "Idempotency-Key": "shared-key"})
+    again = post(token_stack, raw, {**mine, "Idempotency-Key": "shared-key"})
+    other = post(token_stack, raw, {**theirs, "Idempotency-Key": "shared-key"})
+    assert [r.status_code for r in (first, again, other)] == [200, 200, 200], other.text
+    assert again.json()["job_id"] == first.json()["job_id"] != other.json()["job_id"]
+    wait_final(token_stack, first.json()["job_id"], mine)
+    wait_final(token_stack, other.json()["job_id"], theirs)
+
+
 def test_basic_auth_with_the_token_as_password_works(token_stack):
     """How Pacifica clients authenticate: requests' auth=(user, password)."""
     basic = "Basic " + base64.b64encode(f"dmlb2001:{token_stack.tokens[10]}".encode()).decode()

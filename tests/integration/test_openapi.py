@@ -15,7 +15,7 @@ from common.auth import SERVICE_TOKEN_HEADER
 from common.commands import sync_all
 from tests.helpers import NoBroker, make_settings
 
-VERBS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
+VERBS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 
 def exposed_nodes(node, prefix=""):

@@ -167,15 +167,15 @@ def test_dbsync_upgrades_a_1_0_job_table_and_keeps_its_rows(empty_database, tmp_
     done = subprocess.run([sys.executable, "-m", "common.cli", "dbsync", "--data-dir", str(tmp_path)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "ingest: schema 1.1 (1.1)" in done.stdout
+    assert "ingest: schema 1.3 (1.1, 1.2, 1.3)" in done.stdout
     db.bind(models.database, empty_database)
-    assert migrations.current_version(empty_database, models.SCHEMA) == (1, 1)
+    assert migrations.current_version(empty_database, models.SCHEMA) == (1, 3)
     job = jobs.get(41)
     assert (job.task, job.task_percent, job.created, job.attempts, job.file_id_start, job.file_count) == \
         ("ingest files", decimal.Decimal("42.5"), created, 1, 1000, 3)
-    assert (job.claimed_by, job.heartbeat, job.owner) == (None, None, None)
+    assert (job.claimed_by, job.heartbeat, job.owner, job.project) == (None, None, None, None)
     assert jobs.claim(41, "a", jobs.stale_cutoff(60))
     ApiToken.create(digest="b" * 64, user=10)
     check = subprocess.run([sys.executable, "-m", "common.cli", "dbchk", "--equal", "--data-dir", str(tmp_path)],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert "ingest: database at 1.1, same as the code" in check.stdout
+    assert "ingest: database at 1.3, same as the code" in check.stdout

@@ -98,9 +98,10 @@ SERVICE_TABLES = {
                  "project_instrument", "instrument_user", "transactions", "files", "keys", "values",
                  "trans_key_value", "file_key_value", "id_counter"},
     "archive": {"archive_file", "archive_fixity_check", "archive_imported_object"},
-    "ingest": {"ingest_job", "ingest_api_token"},
+    "ingest": {"ingest_job", "ingest_api_token", "ingest_idempotency_key", "ingest_webhook", "ingest_webhook_delivery",
+               "ingest_resumable_upload"},
 }
-SERVICE_VERSIONS = {"metadata": (1, 0), "archive": (1, 2), "ingest": (1, 1)}
+SERVICE_VERSIONS = {"metadata": (1, 0), "archive": (1, 2), "ingest": (1, 3)}
 
 
 def labvault(tmp_path, urls, *args):

@@ -139,11 +139,11 @@ def test_unsafe_member_names_are_refused(tmp_path, name):
 def test_double_slashes_are_normalised_and_duplicates_refused(tmp_path):
     listed = write_zip(tmp_path / "p.zip", [member("S1//a/./b.txt", b"x")], {})
     assert listed[0][0] == "S1/a/b.txt"
-    with pytest.raises(ValueError):
+    with pytest.raises(PackageError):
         write_zip(tmp_path / "q.zip", [member("S1/a", b"x"), member("S1//a", b"y")], {})
-    with pytest.raises(ValueError):
+    with pytest.raises(PackageError):
         write_zip(tmp_path / "r.zip", [member("README.md", b"x")], {"README.md": b"y"})
-    with pytest.raises(ValueError):
+    with pytest.raises(PackageError):
         write_zip(tmp_path / "s.zip", [], {"MANIFEST.sha256": b"y"})
     assert not (tmp_path / "q.zip").exists()
 
@@ -194,7 +194,7 @@ def test_readme_names_the_project_the_citation_and_the_kind():
     merged = readme({**context, "kind": "merged"}).decode()
     assert "merged AnnData" in merged
     assert "metadata of every file" in readme({**context, "kind": "metadata"}).decode()
-    assert packages.TEMPLATE_VERSION == "1"
+    assert packages.TEMPLATE_VERSION == "2"
 
 
 def test_the_template_ships_as_package_data():
@@ -216,3 +216,22 @@ def test_sample_layout(sample, subdir, name, expected):
     layout = sample_layout(sample, subdir, name)
     assert layout == expected
     assert packages.safe_member_name(layout) == layout
+
+
+def test_files_sharing_a_path_keep_distinct_names_and_the_newest_keeps_the_plain_one():
+    names = packages.unique_names([("s1/run1/a.txt", 1, 3), ("s1/run1/a.txt", 2, 7), ("s1/run1/b", 1, 4),
+                                   ("s1/run1/b", 1, 5), ("s1/.hidden", 1, 8), ("s1/.hidden", 2, 9),
+                                   ("s1/run1/a.file-3.txt", 1, 10)])
+    assert names[7] == "s1/run1/a.txt"            # the newer transaction keeps the name
+    assert names[3] == "s1/run1/a.file-3-2.txt"   # its first new name was taken by a real file
+    assert names[10] == "s1/run1/a.file-3.txt"    # a real file of that name keeps it
+    assert (names[5], names[4]) == ("s1/run1/b", "s1/run1/b.file-4")
+    assert (names[9], names[8]) == ("s1/.hidden", "s1/.hidden.file-8")
+    assert len(set(names.values())) == len(names)
+    assert packages.unique_names(reversed([("x/a", 1, 1), ("x/a", 1, 2)])) == {2: "x/a", 1: "x/a.file-1"}
+
+
+def test_two_members_of_one_name_are_a_package_error(tmp_path):
+    with pytest.raises(packages.PackageError) as caught:
+        packages.write_zip(tmp_path / "p.zip", [], {"a": b"1", "./a": b"2"})
+    assert caught.value.code == packages.DUPLICATE_MEMBER and not (tmp_path / "p.zip").exists()
