@@ -25,7 +25,7 @@ from archive_service import fixity, models
 from archive_service.archive import Archive, FileInfo, PutResult, parse_file_id
 from archive_service.backends import make_storage
 from common import migrations
-from common.errors import BadRequest, LabvaultError, LengthRequired, NotFound, code_for_status
+from common.errors import BadRequest, LabvaultError, LengthRequired, NotFound, code_for_status, status_line
 from common.hashing import CHUNK_SIZE
 from common.settings import Settings
 from archive_service import openapi
@@ -102,6 +102,33 @@ class Presign:
         return json_body({"url": url, "expires": int(time.time()) + seconds})
 
 
+class Batch:
+    """``POST /batch``: many files in one request (see ``Archive.put_batch`` for the body)."""
+
+    exposed = True
+
+    def __init__(self, archive: Archive, sync_batch: int):
+        self.archive = archive
+        self.sync_batch = sync_batch
+
+    @cherrypy.config(**{"request.process_request_body": False})
+    def POST(self, *path, **_params) -> bytes:  # noqa: N802
+        request = cherrypy.serving.request
+        try:
+            if path:
+                raise NotFound(f"no resource /batch/{'/'.join(path)[:60]}", code="not_found")
+            _body_length(request.headers)  # 411 without a length or a chunked body
+            result = self.archive.put_batch(request.rfile, self.sync_batch)
+        finally:
+            drain(request.rfile)
+        if result.failure is None:
+            return json_body({"message": f"{len(result.files)} files in the archive", "files": result.files})
+        # The first failure sets the status; the list says what is stored (and durable).
+        failed = next(entry for entry in result.files if entry["status"] >= 400)
+        return json_body({"status": status_line(failed["status"]), "code": failed["code"],
+                          "message": failed["message"], "files": result.files}, failed["status"])
+
+
 @cherrypy.popargs("file_id")
 class ArchiveRoot(HealthMixin):
     """``/`` is the health answer; ``/<file_id>`` is a file."""
@@ -109,11 +136,14 @@ class ArchiveRoot(HealthMixin):
     exposed = True
     service_title = "Archive"
 
-    def __init__(self, archive: Archive):
+    def __init__(self, archive: Archive, sync_batch: int = 256):
         self.openapi_json = OpenApiDocument(openapi.describe)
         self.archive = archive
         self.fixity = FixityProblems()
         self.presign = Presign(archive)
+
+
+        self.batch = Batch(archive, sync_batch)
 
     # noqa below: the verbs are CherryPy MethodDispatcher method names.
     def GET(self, file_id: str | None = None, **_params) -> bytes | Iterable[bytes]:  # noqa: N802
@@ -200,7 +230,7 @@ def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Applica
     # A bucket that is not there (or cannot be reached) stops the start with one clear line.
     storage.prepare(create=settings.getbool("archive", "create_bucket", False))
     archive = Archive(storage, settings.getlist("archive", "patch_roots"))
-    return make_application(ArchiveRoot(archive), db=db,
+    return make_application(ArchiveRoot(archive, settings.getint("archive", "sync_batch")), db=db,
                             service_token=settings.service_token)
 
 

@@ -11,6 +11,7 @@ The rules every way in (PUT, PATCH) shares:
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import re
@@ -21,13 +22,16 @@ from typing import BinaryIO, Callable, Iterable, Protocol
 from archive_service.models import ArchiveFile, database
 from archive_service.storage import AlreadyExists, Storage
 from common.db import utcnow
-from common.errors import BadRequest, Conflict, Forbidden, NotFound
+from common.errors import BadRequest, Conflict, Forbidden, LabvaultError, NotFound
 from common.hashing import CHUNK_SIZE, DEFAULT_HASH_TYPE, HEX_LENGTHS, new_hasher, normalise_hashsum, normalise_hashtype
 
 logger = logging.getLogger(__name__)
 
 # The digest the archive keeps of every file, whatever the writer declared.
 SHA256 = "sha256"
+
+# A batch member's header line (JSON and its newline) is at most this long.
+MAX_BATCH_HEADER = 4096
 
 # The id column is a signed 64-bit integer in every database we run on.
 MAX_FILE_ID = 2 ** 63 - 1
@@ -61,6 +65,32 @@ class FileInfo:
     @property
     def created_epoch(self) -> float:
         return _epoch(self.created)
+
+
+@dataclass
+class BatchResult:
+    """The answer to a batch: one entry per member read, in order, and whether all were stored.
+
+    An entry is ``{"id", "status": 201|200, "total_bytes"}`` for a member that is stored and
+    durable, or ``{"id", "status": 4xx, "code", "message"}`` for one that is not (nothing of it
+    is visible). A member that cannot be read or verified ends the batch (the members after
+    it are not read); an id taken by other bytes is found when its group is published, and
+    fails alone.
+    """
+
+    files: list[dict]
+    failure: LabvaultError | None = None
+
+
+@dataclass
+class _Pending:
+    index: int
+    upload: object
+    expected: _Expected | None
+    digest: str
+    sha256: str
+    total: int
+    when: datetime.datetime
 
 
 @dataclass(frozen=True)
@@ -97,6 +127,121 @@ class Archive:
         if existing is not None:
             return self._compare_with_record(existing, stream, expected, size)
         return self._write_new(file_id, stream, expected, when, size)
+
+    def put_batch(self, body: Readable, sync_batch: int = 256) -> BatchResult:
+        """Store the members of a batch body, each with ``put``'s rules (verified before it is
+        visible, write-once), published and made durable ``sync_batch`` at a time.
+
+        The body is a sequence of members, each a header line, a JSON object
+        ``{"id": N, "size": N, "hashtype": "sha1", "hashsum": "...", "mtime": epoch}`` (at most
+        ``MAX_BATCH_HEADER`` bytes with its newline), followed by exactly ``size`` bytes. Every
+        member listed as stored is durable (bytes, names and rows on disk) when this returns.
+        """
+        frames = _FrameReader(body)
+        if not self.storage.group_commit:
+            sync_batch = 1  # see Storage.group_commit
+        files: list[dict] = []
+        pending: list[_Pending] = []
+        seen: set[int] = set()
+        file_id = None
+        try:
+            while True:
+                file_id = None
+                header = frames.header()
+                if header is None:
+                    break
+                file_id = parse_file_id(header.get("id"))
+                size, expected, when = _member_header(file_id, header)
+                if file_id in seen:
+                    raise BadRequest(f"file {file_id} is twice in the batch", code="duplicate_file_id")
+                seen.add(file_id)
+                # Whether the id is taken is asked once per group, at publishing (one query,
+                # not one a file): until then the member is only a temporary file.
+                pending.append(self._write_member(len(files), file_id, frames.member(size), expected, when, size))
+                files.append({"id": file_id})  # filled in once the group is published
+                if len(pending) >= sync_batch:
+                    self._publish(pending, files)
+                    pending = []
+        except LabvaultError as error:
+            files.append({"id": file_id, "status": error.status, "code": error.code, "message": error.message})
+            self._publish(pending, files)
+            return BatchResult(files, error)
+        except BaseException:
+            for entry in pending:
+                entry.upload.abort()
+            raise
+        self._publish(pending, files)
+        failure = next((entry for entry in files if entry["status"] >= 400), None)
+        if failure is None:
+            logger.info("archived a batch of %d files", len(files))
+            return BatchResult(files)
+        return BatchResult(files, LabvaultError(failure["message"], code=failure["code"]))
+
+    def _write_member(self, index: int, file_id: int, member: Readable, expected: _Expected,
+                      when: datetime.datetime, size: int) -> _Pending:
+        hashers = _hashers(expected.hashtype)
+        upload = self.storage.begin_write(file_id)
+        try:
+            total = _copy(file_id, member, upload.write, hashers.values(), size)
+            digest = hashers[expected.hashtype].hexdigest()
+            _verify(file_id, expected, digest)
+        except BaseException:
+            upload.abort()
+            raise
+        return _Pending(index, upload, expected, digest, hashers[SHA256].hexdigest(), total, when)
+
+    def _publish(self, pending: list[_Pending], files: list[dict]) -> None:
+        """The group commit of verified members: bytes and names durable, then their rows
+        in one transaction; an id another writer published first is settled as ``put`` does."""
+        if not pending:
+            return
+        existing = {row.file_id: row for row in
+                    ArchiveFile.select().where(ArchiveFile.file_id.in_([e.upload.file_id for e in pending]))}
+        if existing:
+            for entry in pending:
+                row = existing.get(entry.upload.file_id)
+                if row is not None:
+                    entry.upload.abort()
+                    files[entry.index] = self._compare_digests(row, entry)
+            pending = [entry for entry in pending if entry.upload.file_id not in existing]
+        outcomes = self.storage.commit_many([entry.upload for entry in pending])
+        rows = []
+        for entry, outcome in zip(pending, outcomes):
+            file_id = entry.upload.file_id
+            if outcome is None:
+                rows.append(entry)
+                files[entry.index] = {"id": file_id, "status": 201, "total_bytes": entry.total}
+                continue
+            try:
+                result = self._settle_race(file_id, entry.expected.hashtype, entry.digest, entry.sha256,
+                                           entry.total, entry.when)
+                files[entry.index] = _stored(file_id, result)
+            except LabvaultError as error:
+                files[entry.index] = {"id": file_id, "status": error.status, "code": error.code,
+                                      "message": error.message}
+        try:
+            _insert_rows([(e.upload.file_id, e.total, e.expected.hashtype, e.digest, e.sha256, e.when) for e in rows])
+        except BaseException:
+            # As in put: bytes without their row must not stay behind.
+            for entry in rows:
+                self.storage.delete(entry.upload.file_id)
+            raise
+
+    def _compare_digests(self, row: ArchiveFile, entry: _Pending) -> dict:
+        """A batch member whose id is archived already: the same bytes are a no-op, others a conflict."""
+        file_id = entry.upload.file_id
+        if row.sha256:
+            if entry.total == row.size and entry.sha256 == row.sha256:
+                return {"id": file_id, "status": 200, "total_bytes": entry.total}
+            error = _exists(file_id)
+            return {"id": file_id, "status": error.status, "code": error.code, "message": error.message}
+        try:
+            # A record without the digest this batch computed: compare with the stored bytes.
+            result = self._settle_race(file_id, entry.expected.hashtype, entry.digest, entry.sha256,
+                                       entry.total, entry.when)
+        except LabvaultError as error:
+            return {"id": file_id, "status": error.status, "code": error.code, "message": error.message}
+        return _stored(file_id, result)
 
     def patch(self, file_id: int | str, path: str, hashtype: str | None = None,
               hashsum: str | None = None) -> PutResult:
@@ -249,6 +394,103 @@ class Archive:
                         code="path_not_allowed")
 
 
+def _stored(file_id: int, result: PutResult) -> dict:
+    return {"id": file_id, "status": 201 if result.created else 200, "total_bytes": result.total_bytes}
+
+
+def _member_header(file_id: int, header: dict) -> tuple[int, _Expected, datetime.datetime]:
+    """(size, expected hash, mtime) of a batch member's header, or 400."""
+    size = header.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_FILE_ID:
+        raise BadRequest(f"file {file_id}: size must be a non-negative integer", code="invalid_request")
+    hashtype, hashsum = header.get("hashtype"), header.get("hashsum")
+    if not isinstance(hashtype, (str, type(None))) or not isinstance(hashsum, (str, type(None))):
+        raise BadRequest(f"file {file_id}: hashtype and hashsum must be strings", code="invalid_request")
+    mtime = header.get("mtime")
+    if mtime is None:
+        when = utcnow()
+    else:
+        if isinstance(mtime, bool) or not isinstance(mtime, (int, float)):
+            raise BadRequest(f"file {file_id}: mtime must be seconds since the epoch", code="invalid_mtime")
+        try:
+            when = _utc_naive(mtime)
+        except (OverflowError, OSError, ValueError):
+            raise BadRequest(f"file {file_id}: mtime {mtime!r} is out of range", code="invalid_mtime") from None
+    return size, _expected(hashtype, hashsum), when
+
+
+class _FrameReader:
+    """Reads a batch body (header line, bytes, header line, bytes, ...) in large pieces."""
+
+    def __init__(self, body: Readable):
+        self._body = body
+        self._buffer = b""
+        self._offset = 0
+        self._eof = False
+
+    def _fill(self) -> bool:
+        if self._eof:
+            return False
+        try:
+            chunk = self._body.read(CHUNK_SIZE)
+        except (OSError, ValueError) as exc:
+            raise BadRequest(f"reading the batch failed ({exc})", code="incomplete_body") from None
+        if not chunk:
+            self._eof = True
+            return False
+        self._buffer = self._buffer[self._offset:] + chunk
+        self._offset = 0
+        return True
+
+    def header(self) -> dict | None:
+        """The next member's header, or None at the end of the body."""
+        while True:
+            end = self._buffer.find(b"\n", self._offset, self._offset + MAX_BATCH_HEADER)
+            if end >= 0:
+                break
+            if len(self._buffer) - self._offset >= MAX_BATCH_HEADER:
+                raise BadRequest(f"a batch member's header is longer than {MAX_BATCH_HEADER} bytes",
+                                 code="invalid_request")
+            if not self._fill():
+                if self._offset == len(self._buffer):
+                    return None
+                raise BadRequest("the batch ends inside a member's header", code="incomplete_body")
+        line = self._buffer[self._offset:end]
+        self._offset = end + 1
+        try:
+            header = json.loads(line)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise BadRequest("a batch member's header is not a JSON object", code="invalid_request") from None
+        if not isinstance(header, dict):
+            raise BadRequest("a batch member's header is not a JSON object", code="invalid_request")
+        return header
+
+    def member(self, size: int) -> Readable:
+        return _MemberReader(self, size)
+
+    def take(self, limit: int) -> bytes:
+        if self._offset == len(self._buffer) and not self._fill():
+            return b""
+        piece = self._buffer[self._offset:self._offset + limit]
+        self._offset += len(piece)
+        return piece
+
+
+class _MemberReader:
+    """The ``size`` bytes of one member; reads short (and ``_copy`` says so) when the body ends early."""
+
+    def __init__(self, frames: _FrameReader, size: int):
+        self._frames = frames
+        self._left = size
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        piece = self._frames.take(self._left if size is None or size < 0 else min(size, self._left))
+        self._left -= len(piece)
+        return piece
+
+
 def _expected(hashtype: str | None, hashsum: str | None) -> _Expected:
     """The hash to compute (and, with a sum, to demand), validated before any byte is read."""
     if hashsum is None or not str(hashsum).strip():
@@ -317,6 +559,37 @@ def _insert_ignore(file_id: int, size: int, hashtype: str, hashsum: str, sha256:
              created=utcnow())
      .on_conflict(action="NOTHING", conflict_target=[ArchiveFile.file_id])
      .execute())
+
+
+_ROW_FIELDS = ("file_id", "size", "hashtype", "hashsum", "sha256", "mtime", "created")
+# Rows of one INSERT: 700 bound values stay under the smallest SQLite limit (999).
+INSERT_ROWS = 100
+
+
+def _insert_rows(rows: list[tuple]) -> None:
+    """``_insert_ignore`` for many rows ``(file_id, size, hashtype, hashsum, sha256, mtime)`` in
+    one transaction, ``INSERT_ROWS`` a statement. The statement is written here, not by the
+    ORM: building it row by row cost more than everything else a small file needs."""
+    if not rows:
+        return
+    db = database.obj if hasattr(database, "obj") else database
+
+    def quoted(name: str) -> str:
+        return f"{db.quote[0]}{name}{db.quote[1]}"
+
+    fields = [ArchiveFile._meta.fields[name] for name in _ROW_FIELDS]
+    columns = ", ".join(quoted(field.column_name) for field in fields)
+    one_row = "(" + ", ".join([db.param] * len(fields)) + ")"
+    mtime, created = ArchiveFile.mtime.db_value, ArchiveFile.created.db_value
+    now = created(utcnow())
+    with database.atomic():
+        for start in range(0, len(rows), INSERT_ROWS):
+            chunk = rows[start:start + INSERT_ROWS]
+            values = [value for file_id, size, hashtype, hashsum, sha256, when in chunk
+                      for value in (file_id, size, hashtype, hashsum, sha256, mtime(when), now)]
+            db.execute_sql(f"INSERT INTO {quoted(ArchiveFile._meta.table_name)} ({columns}) VALUES "
+                           f"{', '.join([one_row] * len(chunk))} "
+                           f"ON CONFLICT ({quoted(ArchiveFile.file_id.column_name)}) DO NOTHING", values)
 
 
 def _utc_naive(value: datetime.datetime | float | int) -> datetime.datetime:

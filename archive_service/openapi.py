@@ -8,6 +8,17 @@ BYTES = {"required": True, "content": {"application/octet-stream": {"schema": {"
                                                                                "format": "binary"}}}}
 
 
+BATCH_ENTRY = {"type": "object", "required": ["id", "status"], "properties": {
+    "id": {"type": "integer", "nullable": True, "description": "the member's file id (null: its header was unreadable)"},
+    "status": {"type": "integer", "description": "201 stored, 200 the same bytes were there, 4xx not stored"},
+    "total_bytes": {"type": "integer"}, "code": {"type": "string"}, "message": {"type": "string"}}}
+BATCH_BODY = {"required": True, "description": (
+    "members one after the other, each a header line (a JSON object "
+    '{"id": N, "size": N, "hashtype": "sha1", "hashsum": "hex", "mtime": epoch} and a newline, '
+    "at most 4096 bytes) followed by exactly size bytes"),
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+
+
 def describe() -> dict:
     paths = oa.common_paths()
     paths["/{file_id}"] = {
@@ -23,6 +34,12 @@ def describe() -> dict:
         "delete": oa.operation("remove the file", parameters=[FILE_ID]),
         "post": oa.operation("stage the file (a no-op here)", parameters=[FILE_ID]),
     }
+    paths["/batch"] = {"post": oa.operation(
+        "store many files in one request, each verified and write-once as by PUT; answered once every "
+        "stored file is durable. The first failure sets the status (its error, with the list)",
+        oa.json_response("every member stored", {"type": "object", "required": ["files"], "properties": {
+            "message": {"type": "string"}, "files": {"type": "array", "items": BATCH_ENTRY}}}),
+        body=BATCH_BODY)}
     paths["/fixity"] = {"get": oa.operation(
         "files whose last fixity check was not ok (paged)",
         oa.json_response("the files with their last check, and the paging", {"type": "object"}),

@@ -14,10 +14,14 @@ a lost write-once race ``AlreadyExists``, a backend that cannot be reached
 from __future__ import annotations
 
 import abc
+import concurrent.futures
+import contextlib
 import io
 import logging
 import os
-import tempfile
+import itertools
+import threading
+import uuid
 import time
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -25,6 +29,9 @@ from typing import BinaryIO, NamedTuple
 from common.errors import ServiceUnavailable
 
 logger = logging.getLogger(__name__)
+
+# Threads that sync the files (and directories) of one group commit at once.
+SYNC_THREADS = 16
 
 
 class StorageUnavailable(ServiceUnavailable):
@@ -79,6 +86,10 @@ class Storage(abc.ABC):
 
     # What HEAD reports as X-Pacifica-File-Storage-Media.
     media = "disk"
+    # True when commit_many makes a group durable for less than its files one by one. Without
+    # it a batch publishes each file as soon as it is verified: an unfinished upload may hold
+    # a part in memory (S3), and a group of them would hold a part each.
+    group_commit = False
 
     def prepare(self, create: bool = False) -> None:
         """Check the backend can be used before serving; ``StorageUnavailable`` says why not."""
@@ -99,6 +110,29 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def delete(self, file_id: int) -> bool:
         """Remove the stored file; False when there was none."""
+
+    def commit_many(self, uploads: list[Upload]) -> list[AlreadyExists | None]:
+        """Publish several finished uploads (a group commit); every one published is durable
+        when this returns. One answer per upload: None (published) or ``AlreadyExists``
+        (nothing replaced, the upload discarded). Any other error discards every upload
+        not yet published and propagates.
+
+        This default commits one by one (S3: each object is durable once its PUT answers);
+        ``PosixStorage`` syncs the group together.
+        """
+        outcomes: list[AlreadyExists | None] = []
+        try:
+            for upload in uploads:
+                try:
+                    upload.commit()
+                    outcomes.append(None)
+                except AlreadyExists as exc:
+                    outcomes.append(exc)
+        except BaseException:
+            for upload in uploads:
+                upload.abort()  # a no-op for those already published
+            raise
+        return outcomes
 
     def presigned_url(self, file_id: int, expires_seconds: int, filename: str | None = None) -> str | None:
         """A URL that serves the file without labvault for ``expires_seconds``; None when the
@@ -124,8 +158,7 @@ class PosixUpload(Upload):
     def __init__(self, storage: PosixStorage, file_id: int):
         super().__init__(file_id)
         self._storage = storage
-        fd, name = tempfile.mkstemp(prefix=f"{file_id}.", suffix=".part", dir=storage.incoming)
-        self._tmp_path = Path(name)
+        fd, self._tmp_path = storage.new_temporary(file_id)
         self._handle = os.fdopen(fd, "wb")
 
     def write(self, data: bytes) -> None:
@@ -135,9 +168,13 @@ class PosixUpload(Upload):
         self.bytes_written += len(data)
 
     def commit(self) -> None:
+        final = self.publish()
+        _fsync_dir(final.parent)
+
+    def sync(self) -> None:
+        """Flush the bytes to the disk and close the temporary file (the first half of commit)."""
         if self.finished:
             raise ValueError("upload already finished")
-        final = self._storage.path_for(self.file_id)
         try:
             self._handle.flush()
             # The bytes must be on disk before the name is: after a crash a published
@@ -146,10 +183,27 @@ class PosixUpload(Upload):
             # Stored files never change (write-once); read-only says so to anyone with a shell.
             os.fchmod(self._handle.fileno(), 0o440)
             self._handle.close()
-            final.parent.mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            self.abort()
+            raise
+
+    def publish(self) -> Path:
+        """Give the file its name (the second half of commit, its directory not yet synced)."""
+        if self.finished:
+            raise ValueError("upload already finished")
+        if not self._handle.closed:
+            self.sync()
+        final = self._storage.path_for(self.file_id)
+        try:
+            self._storage.make_shard(final.parent)
             # link() is atomic and refuses an existing target, so of two writers of one id
             # exactly one wins; rename() would silently replace the other's file.
-            os.link(self._tmp_path, final)
+            try:
+                os.link(self._tmp_path, final)
+            except FileNotFoundError:
+                # The shard directory went away since this process made it: make it again.
+                self._storage.make_shard(final.parent, again=True)
+                os.link(self._tmp_path, final)
         except FileExistsError:
             self.abort()
             raise AlreadyExists(self.file_id) from None
@@ -158,7 +212,7 @@ class PosixUpload(Upload):
             raise
         self.finished = True
         self._unlink_tmp()
-        _fsync_dir(final.parent)
+        return final
 
     def abort(self) -> None:
         self.finished = True
@@ -171,7 +225,7 @@ class PosixUpload(Upload):
 
     def _unlink_tmp(self) -> None:
         try:
-            self._tmp_path.unlink()
+            os.unlink(self._tmp_path)
         except FileNotFoundError:
             pass
 
@@ -183,9 +237,36 @@ class PosixStorage(Storage):
     crosses a filesystem.
     """
 
+    group_commit = True
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.incoming = self.root / ".incoming"
+        self._shards: set[Path] = set()  # shard directories known to exist
+        # Temporary names: unique to this storage object (a process may hold several), counted
+        # up; O_EXCL refuses a name a crashed writer left (the next number is taken then).
+        self._tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._counter = itertools.count()
+        self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._sync_pool_lock = threading.Lock()
+
+    def new_temporary(self, file_id: int) -> tuple[int, str]:
+        """A new, empty temporary file for ``file_id`` in ``incoming``: (descriptor, path)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        while True:
+            path = os.path.join(self.incoming, f"{file_id}.{self._tag}-{next(self._counter)}.part")
+            try:
+                return os.open(path, flags, 0o600), path
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                self.incoming.mkdir(parents=True, exist_ok=True)  # the first write (or it was removed)
+                return os.open(path, flags, 0o600), path
+
+    def make_shard(self, directory: Path, again: bool = False) -> None:
+        if again or directory not in self._shards:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._shards.add(directory)
 
     def path_for(self, file_id: int) -> Path:
         file_id = check_id(file_id)
@@ -194,8 +275,48 @@ class PosixStorage(Storage):
 
     def begin_write(self, file_id: int) -> Upload:
         check_id(file_id)
-        self.incoming.mkdir(parents=True, exist_ok=True)
         return PosixUpload(self, file_id)
+
+    def commit_many(self, uploads: list[Upload]) -> list[AlreadyExists | None]:
+        """The group commit: sync every file, then link each into place, then sync each
+        directory that got a name once. Same guarantee as ``commit`` one by one (bytes on
+        disk before the name, names on disk before the answer) with one directory sync per
+        directory instead of one per file."""
+        outcomes: list[AlreadyExists | None] = []
+        published: list[Path] = []
+        try:
+            # Syncs issued together let the filesystem commit its journal once for many
+            # of them (a sync releases the GIL): the group commit proper.
+            self._in_parallel(lambda upload: upload.sync(), uploads)
+            for upload in uploads:
+                try:
+                    published.append(upload.publish())
+                    outcomes.append(None)
+                except AlreadyExists as exc:
+                    outcomes.append(exc)
+            self._in_parallel(_fsync_dir, list(dict.fromkeys(path.parent for path in published)))
+        except BaseException:
+            for upload in uploads:
+                upload.abort()
+            for path in published:
+                # Published but not durably answered: the caller records no row for them.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            raise
+        return outcomes
+
+    def _in_parallel(self, action, items: list) -> None:
+        if len(items) < 2:
+            for item in items:
+                action(item)
+            return
+        with self._sync_pool_lock:
+            if self._sync_pool is None:
+                self._sync_pool = concurrent.futures.ThreadPoolExecutor(SYNC_THREADS, "archive-sync")
+        futures = [self._sync_pool.submit(action, item) for item in items]
+        concurrent.futures.wait(futures)  # every one ends before the caller cleans up
+        for future in futures:
+            future.result()
 
     def open_read(self, file_id: int, start: int = 0, end: int | None = None) -> BinaryIO:
         handle = open(self.path_for(file_id), "rb")

@@ -9,6 +9,7 @@ on codes, never on message text.
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import time
 from typing import Any, BinaryIO, Callable, Iterable
@@ -90,6 +91,7 @@ class ServiceClient:
 
 def _error_from(response: requests.Response) -> LabvaultError:
     code, message = f"http_{response.status_code}", response.reason or "error"
+    body = None
     try:
         body = response.json()
         if isinstance(body, dict):
@@ -97,7 +99,10 @@ def _error_from(response: requests.Response) -> LabvaultError:
             message = str(body.get("message") or message)
     except ValueError:
         pass
-    return RemoteError(message, code=code, status=response.status_code)
+    error = RemoteError(message, code=code, status=response.status_code)
+    # What else the answer said (e.g. the per-file list of POST /batch), for the caller to read.
+    error.body = body if isinstance(body, dict) else None
+    return error
 
 
 class MetadataClient(ServiceClient):
@@ -151,6 +156,21 @@ class ArchiveClient(ServiceClient):
                                 headers=headers)
         return response.json()
 
+    def put_batch(self, open_body: Callable[[], bytes | Iterable[bytes]]) -> list[dict]:
+        """Send many files in one ``POST /batch``; ``open_body()`` makes the body (an iterable
+        with a length, see ``batch_header``) afresh for each attempt. Returns the archive's
+        per-file list, whether every file was stored or not: entries with a status of 400 or
+        more failed, and every other one is stored and durable."""
+        headers = {"Content-Type": "application/octet-stream"}
+        try:
+            response = self.request("POST", "/batch", body_factory=open_body, headers=headers)
+        except RemoteError as error:
+            files = (error.body or {}).get("files") if error.status < 500 else None
+            if not isinstance(files, list):
+                raise
+            return files
+        return response.json()["files"]
+
     def patch(self, file_id: int, path: str, hashtype: str | None = None, hashsum: str | None = None) -> dict:
         body = {"path": path}
         if hashtype and hashsum:
@@ -193,6 +213,17 @@ class ArchiveClient(ServiceClient):
     def fixity_summary(self) -> dict:
         """The archive's fixity summary (``GET /fixity/summary``); 404 when it keeps none."""
         return self.request("GET", "/fixity/summary", retries=0).json()
+
+
+def batch_header(file_id: int, size: int, hashtype: str | None = None, hashsum: str | None = None,
+                 mtime: float | None = None) -> bytes:
+    """The header line of one member of a ``POST /batch`` body; ``size`` bytes follow it."""
+    header = {"id": int(file_id), "size": int(size)}
+    if hashtype and hashsum:
+        header.update(hashtype=hashtype, hashsum=hashsum)
+    if mtime is not None:
+        header["mtime"] = float(mtime)
+    return json.dumps(header, separators=(",", ":")).encode("ascii") + b"\n"
 
 
 class IngestIdentityClient(ServiceClient):

@@ -36,15 +36,15 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 from common import bundles, registry
 from common.bundles import BundleError, Manifest
-from common.clients import ArchiveClient, MetadataClient, PolicyClient, make_session
+from common.clients import ArchiveClient, MetadataClient, PolicyClient, batch_header, make_session
 from common.db import close_quietly
 from common.heartbeat import Heartbeat
 from common.errors import LabvaultError
-from common.hashing import HashingReader
+from common.hashing import CHUNK_SIZE, HashingReader
 from common.settings import Settings
 from ingest_service import jobs, models, notices
 from ingest_service.models import Job
@@ -290,8 +290,10 @@ class JobRun:
         with self.step(jobs.INGEST_FILES):
             pairs = bundles.match_payload(manifest, self.index,
                                           self.settings.getbool("ingest", "reject_undeclared"))
-            self._store_all(manifest, [(declared, self._member_opener(member), member.mtime)
-                                       for declared, member in pairs])
+            bundle = self.context.staging.bundle_path(self.job_id)
+            self._store_batches(manifest, [(declared, MemberSource(bundle, member), member.mtime)
+                                           for declared, member in pairs],
+                                order=[member.offset_data for _, member in pairs])
 
     def _move_files(self, manifest: Manifest) -> None:
         with self.step(jobs.MOVE_FILES):
@@ -317,9 +319,6 @@ class JobRun:
 
     # -- helpers ------------------------------------------------------------
 
-    def _member_opener(self, member: tarfile.TarInfo):
-        return lambda: self.tar.extractfile(member)
-
     def _file_ids(self, count: int) -> int:
         """The first of ``count`` file ids for this job, reserved once and kept on the row.
 
@@ -327,6 +326,64 @@ class JobRun:
         """
         return jobs.reserve_file_ids(self.job_id, count,
                                      lambda: self.context.metadata.getid("file", count) if count else 0)
+
+    def _store_batches(self, manifest: Manifest, openers: list, order: list[int]) -> None:
+        """Send every ``(declared, opener, mtime)`` to the archive in batches (``POST /batch``),
+        in the order of ``order`` (the members' offsets: the staged tar is read once, front to
+        back). The archive verifies each file before it is visible and answers once the
+        batch is durable; ``task_percent`` follows the bytes sent.
+        """
+        start = self._file_ids(len(openers))
+        self.file_ids = {declared.position: start + n for n, (declared, _, _) in enumerate(openers)}
+        ordered = [item for _, item in sorted(zip(order, openers), key=lambda pair: pair[0])]
+        most_files = max(1, self.settings.getint("ingest", "archive_batch_files"))
+        most_bytes = max(1, self.settings.getint("ingest", "archive_batch_bytes"))
+        total = max(manifest.total_bytes, 1)
+        finished = 0
+        batch: list = []
+        size = 0
+        for item in ordered + [None]:
+            if batch and (item is None or len(batch) >= most_files or size + item[0].size > most_bytes):
+                self._send_batch(batch, finished, total)
+                finished += size
+                batch, size = [], 0
+            if item is not None:
+                batch.append(item)
+                size += item[0].size
+        self._progress(1.0, force=True)
+
+    def _send_batch(self, batch: list, finished: int, total: int) -> None:
+        self._check_stopping()
+        members = [(self.file_ids[declared.position], declared, opener, mtime)
+                   for declared, opener, mtime in batch]
+
+        def on_bytes(sent: int) -> None:
+            self._check_stopping()  # mid-batch: the archive keeps only the files that arrived whole
+            self._progress((finished + sent) / total)
+
+        try:
+            answers = self.context.archive.put_batch(lambda: BatchBody(members, on_bytes))
+        except LabvaultError:
+            self._progress(finished / total, force=True)
+            raise
+        by_id = {entry.get("id"): entry for entry in answers if isinstance(entry, dict)}
+        failed = next((entry for entry in answers if isinstance(entry, dict) and entry.get("status", 500) >= 400), None)
+        for file_id, declared, _, _ in members:
+            entry = by_id.get(file_id)
+            if failed is not None and failed.get("id") in (file_id, None):
+                self._progress(finished / total, force=True)
+                what = (f"its {declared.hashtype} is not the declared {declared.hashsum}"
+                        if failed.get("code") == "hash_mismatch" else str(failed.get("message", "")))
+                raise LabvaultError(f"data/{declared.key[:200]}: {what}", code=str(failed.get("code") or "archive_error"))
+            if entry is None or entry.get("status", 500) >= 400:
+                continue  # not reached: the failure above names its own file first
+            if int(entry.get("total_bytes", -1)) != declared.size:
+                raise LabvaultError(f"archive stored {entry.get('total_bytes')} bytes of data/{declared.key[:200]}, "
+                                    f"expected {declared.size}", code="size_mismatch")
+        missing = [declared for file_id, declared, _, _ in members if file_id not in by_id]
+        if missing or failed is not None:
+            where = f"data/{missing[0].key[:200]}" if missing else "a file"
+            raise LabvaultError(f"the archive did not store {where}", code="archive_incomplete")
 
     def _store_all(self, manifest: Manifest, openers: list) -> None:
         """Stream every ``(declared, opener, mtime)`` into the archive with its expected hash.
@@ -384,7 +441,9 @@ class JobRun:
             if table == "Transactions._id":
                 continue  # the job id is the transaction id, whatever the client said
             if table == "Files":
-                entry = {k: v for k, v in entry.items() if k != "source"}
+                # In place: the policy has read the document already, and a copy of every
+                # entry would double the worker's memory for a bundle of many files.
+                entry.pop("source", None)
                 entry["_id"] = self.file_ids[position]
             document.append(entry)
         document.append({"destinationTable": "Transactions._id", "value": self.job_id})
@@ -408,6 +467,79 @@ class JobRun:
     def _stand_down(self) -> str:
         logger.warning("job %s: another run took the job over; this run stops here", self.job_id)
         return HELD
+
+
+class MemberSource:
+    """The bytes of a (regular, not sparse: ``bundles.classify``) member, read straight from
+    the staged tar at its offset, without tarfile's per-member machinery. Calling it opens them."""
+
+    def __init__(self, bundle: Path, member: tarfile.TarInfo):
+        self.bundle, self.offset = bundle, member.offset_data
+
+    def __call__(self) -> BinaryIO:
+        handle = open(self.bundle, "rb")
+        handle.seek(self.offset)
+        return handle
+
+
+class BatchBody:
+    """The body of one ``POST /batch``: for each member its header line and its bytes, in
+    pieces of about ``CHUNK_SIZE`` (small files share a piece). ``len()`` is known in
+    advance, so the request carries a Content-Length and streams."""
+
+    def __init__(self, members: list, on_bytes: Callable[[int], None] | None = None):
+        self.members = members  # (file id, declared, opener or MemberSource, mtime)
+        self.on_bytes = on_bytes
+        self.headers = [batch_header(file_id, declared.size, declared.hashtype, declared.hashsum, mtime)
+                        for file_id, declared, _, mtime in members]
+        self.length = sum(len(header) for header in self.headers) + sum(m[1].size for m in members)
+        self.sent = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[bytes]:
+        piece = bytearray()
+        self.sent = 0
+        handle, bundle = None, None
+        try:
+            for header, (_, declared, opener, _) in zip(self.headers, self.members):
+                piece += header
+                if isinstance(opener, MemberSource) and bundle == opener.bundle:
+                    # Members of one staged tar share one handle (and its read-ahead).
+                    if handle.tell() != opener.offset:
+                        handle.seek(opener.offset)
+                else:
+                    if handle is not None:
+                        handle.close()
+                    handle = opener()
+                    bundle = opener.bundle if isinstance(opener, MemberSource) else None
+                left = declared.size
+                while left:
+                    data = handle.read(min(left, CHUNK_SIZE))
+                    if not data:
+                        raise LabvaultError(f"data/{declared.key[:200]} ended {left} bytes early while it was sent",
+                                            code="size_mismatch")
+                    left -= len(data)
+                    if not piece and len(data) >= CHUNK_SIZE:
+                        yield self._count(data)  # a large file's bytes go as they are read
+                        continue
+                    piece += data
+                    if len(piece) >= CHUNK_SIZE:
+                        yield self._count(bytes(piece))
+                        piece.clear()
+            if piece:
+                yield self._count(bytes(piece))
+        finally:
+            if handle is not None:
+                handle.close()
+
+    def _count(self, data: bytes) -> bytes:
+        # Reported before the piece goes: a stop asked for meanwhile ends the request here.
+        self.sent += len(data)
+        if self.on_bytes:
+            self.on_bytes(self.sent)
+        return data
 
 
 def fail_job(context: IngestContext, job_id: int, step: str, error: LabvaultError) -> None:

@@ -90,6 +90,32 @@ def test_archive_keeps_the_members_mtime(context):
     assert context.archive.head(file_id)["X-Pacifica-Mtime"] == "1700000000"  # make_tar's mtime
 
 
+def test_files_go_in_batches_in_the_bundles_order_and_a_bad_one_fails_the_job_leaving_nothing(context):
+    """Seven files in batches of at most three (``[ingest] archive_batch_files``): all stored when
+    good; a wrong hash in the third batch fails ``ingest files`` naming that member, and the
+    files the first batches stored are removed with the job."""
+    context.settings = context.settings.with_overrides({"ingest": {"archive_batch_files": "3"}})
+    members = [(f"f{n}.bin", os.urandom(500 + n)) for n in range(7)]
+    job_id = stage_job(context, members)
+    assert pipeline.process_job(context, job_id) == "OK"
+    rows = {row["name"]: row["_id"] for row in context.metadata.query("files", transaction=job_id)}
+    for name, raw in members:
+        assert context.archive.get(rows[name]).content == raw
+
+    job_id = stage_job(context, members)
+    bundle = context.staging.bundle_path(job_id)
+    raw = bundle.read_bytes()
+    at = raw.index(members[6][1])  # the seventh member's bytes, in the third batch
+    bundle.write_bytes(raw[:at] + bytes([raw[at] ^ 1]) + raw[at + 1:])
+    with pytest.raises(pipeline.JobFailed):
+        pipeline.process_job(context, job_id)
+    state = jobs.state_json(jobs.get(job_id))
+    assert (state["state"], state["task"]) == ("FAILED", "ingest files")
+    assert state["exception"].startswith("hash_mismatch: data/f6.bin: its sha256 is not the declared")
+    start = jobs.get(job_id).file_id_start
+    assert all(context.archive.head(file_id) is None for file_id in range(start, start + 7))
+
+
 class OutOfTime(Exception):
     """Stands for Celery's SoftTimeLimitExceeded, raised inside a step."""
 

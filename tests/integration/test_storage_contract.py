@@ -195,3 +195,18 @@ def test_presigned_url(storage):
     assert answer.status_code == 200 and answer.content == b"signed bytes"
     assert answer.headers["Content-Disposition"] == 'attachment; filename="result.h5ad"'
     assert answer.headers["Content-Type"] == "application/octet-stream"
+
+
+def test_commit_many_publishes_each_and_refuses_a_taken_id_alone(storage):
+    store(storage, 2, b"already here")
+    uploads = []
+    for file_id in (1, 2, 3):
+        upload = storage.begin_write(file_id)
+        upload.write(b"new %d" % file_id)
+        uploads.append(upload)
+    outcomes = storage.commit_many(uploads)
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], AlreadyExists) and outcomes[1].file_id == 2
+    assert read_all(storage, 1) == b"new 1" and read_all(storage, 3) == b"new 3"
+    assert read_all(storage, 2) == b"already here"
+    assert leftovers(storage) == sorted(stored_name(storage, n) for n in (1, 2, 3))
