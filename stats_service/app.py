@@ -192,6 +192,9 @@ class ComputedFiles:
     def __init__(self, settings: Settings, engine: Engine):
         self.settings = settings
         self.engine = engine
+        # False once the archive said it cannot presign (POSIX): this process signs its own URLs
+        # from then on, without asking again for every URL.
+        self.archive_presigns = True
 
     def GET(self, *path, project=None, limit="100", offset="0", **_params):  # noqa: N802
         if not path:
@@ -217,8 +220,10 @@ class ComputedFiles:
         """A presigned S3 URL when the archive can make one, else a URL labvault signs and serves."""
         seconds = self.settings.getfloat("downloads", "url_seconds")
         output = models.RunOutput.get_or_none((models.RunOutput.run == row.run) & (models.RunOutput.name == row.output))
-        url = (None if output is None
-               else self.engine.archive.presigned_url(output.archive_id, int(seconds), row.filename))
+        url = None
+        if output is not None and self.archive_presigns:
+            url = self.engine.archive.presigned_url(output.archive_id, int(seconds), row.filename)
+            self.archive_presigns = url is not None
         if url is not None:
             kind, expires = "s3", downloads.expiry(seconds)
         else:

@@ -3,8 +3,7 @@ import collections
 
 import pytest
 
-from tests.helpers import Stack, seeded
-from tests.servers import require_postgres, require_rabbitmq, require_uwsgi
+from tests.helpers import seeded, stack_kind
 
 
 @pytest.fixture(scope="session", params=["embedded", "production"])
@@ -15,13 +14,7 @@ def stack(request, tmp_path_factory):
     ``production``: the services under uWSGI, two Celery workers on a RabbitMQ vhost,
     PostgreSQL databases (skipped, or failed under CI=true, without those servers).
     """
-    if request.param == "production":
-        require_postgres()
-        require_rabbitmq()
-        require_uwsgi()
-        from tests.production import ProductionStack as kind
-    else:
-        kind = Stack
+    kind = stack_kind(request.param)
     root = tmp_path_factory.mktemp(f"stack-{request.param}")
     (root / "movable").mkdir()
     with seeded(kind(root, ingest={"move_roots": str(root / "movable")})) as running:

@@ -218,6 +218,20 @@ class Stack(StackBase):
             self.log.close()
 
 
+def stack_kind(world: str) -> type:
+    """The stack class of a test world: ``embedded`` (``labvault up``: SQLite, filesystem broker,
+    POSIX archive) or ``production`` (the services under uWSGI, Celery workers on a RabbitMQ
+    vhost, PostgreSQL databases; skipped, or failed under CI=true, without those servers)."""
+    if world != "production":
+        return Stack
+    from tests.servers import require_postgres, require_rabbitmq, require_uwsgi
+    require_postgres()
+    require_rabbitmq()
+    require_uwsgi()
+    from tests.production import ProductionStack
+    return ProductionStack
+
+
 @contextlib.contextmanager
 def seeded(stack):
     """Start ``stack``, load the Pacifica seed into it, yield it; stop it afterwards."""

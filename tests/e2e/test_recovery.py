@@ -151,7 +151,8 @@ def test_sigterm_of_up_mid_transfer_hands_the_job_back_and_the_next_up_completes
     # A restart is not a failure: unfinished, nobody holds it, no attempt used up.
     row = job_row(stack, job_id)
     assert (row.state, row.task, row.exception) == ("OK", "ingest files", ""), row.exception
-    assert row.task_percent < 100 and row.claimed_by is None and row.attempts == 0
+    # (Its percent may already be 100: every byte sent, the archive's group commit not yet answered.)
+    assert row.claimed_by is None and row.attempts == 0
     assert "handed back unfinished" in (tmp_path / "log" / "worker.log").read_text()
 
     again = Stack(tmp_path, ingest=RECOVERY).start()

@@ -23,15 +23,20 @@ MIB = 1024 * 1024
 DATA = os.urandom(200 * 1024) + b"end"
 
 
-@pytest.fixture(params=["posix", pytest.param("s3", marks=pytest.mark.s3)])
-def settings(request, tmp_path):
-    archive = {}
+def backend_settings(request, tmp_path, **archive):
+    """Settings for the backend ``request.param`` names (``posix``, or ``s3`` on the test S3
+    server), with these ``[archive]`` settings besides."""
     if request.param == "s3":
         endpoint = request.getfixturevalue("s3_endpoint")
-        archive = {"backend": "s3", "bucket": request.getfixturevalue("s3_bucket"), "prefix": "files",
-                   "endpoint_url": endpoint.url, "region": endpoint.region, "addressing_style": "path",
-                   "create_bucket": "true", "part_size": str(5 * MIB)}
+        archive.update({"backend": "s3", "bucket": request.getfixturevalue("s3_bucket"), "prefix": "files",
+                        "endpoint_url": endpoint.url, "region": endpoint.region, "addressing_style": "path",
+                        "create_bucket": "true", "part_size": str(5 * MIB)})
     return make_settings(tmp_path, archive=archive, http={"retries": 0})
+
+
+@pytest.fixture(params=["posix", pytest.param("s3", marks=pytest.mark.s3)])
+def settings(request, tmp_path):
+    return backend_settings(request, tmp_path)
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from common.clients import ArchiveClient, batch_header
 from archive_service import models
 from archive_service.app import build_app
 from common import db as common_db
 from common import migrations
-from tests.helpers import make_settings, serve_wsgi, wait_for
-from tests.integration.test_archive_backends import leftovers, name_of, rows
+from common.clients import ArchiveClient, batch_header
+from tests.helpers import serve_wsgi, wait_for
+from tests.integration.test_archive_backends import backend_settings, leftovers, name_of, rows
 
 MIB = 1024 * 1024
 
@@ -27,13 +27,7 @@ MEMBERS = {n: os.urandom(n * 1000 + 7) for n in range(1, 7)}
 
 @pytest.fixture(params=["posix", pytest.param("s3", marks=pytest.mark.s3)])
 def settings(request, tmp_path):
-    archive = {"sync_batch": "2"}  # several group commits in one small batch
-    if request.param == "s3":
-        endpoint = request.getfixturevalue("s3_endpoint")
-        archive.update({"backend": "s3", "bucket": request.getfixturevalue("s3_bucket"), "prefix": "files",
-                        "endpoint_url": endpoint.url, "region": endpoint.region, "addressing_style": "path",
-                        "create_bucket": "true", "part_size": str(5 * MIB)})
-    return make_settings(tmp_path, archive=archive, http={"retries": 0})
+    return backend_settings(request, tmp_path, sync_batch="2")  # several group commits in one small batch
 
 
 @pytest.fixture

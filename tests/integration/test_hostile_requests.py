@@ -22,8 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from common.auth import SERVICE_TOKEN_HEADER
-from tests.helpers import REPO, Stack, seeded
-from tests.servers import require_postgres, require_rabbitmq, require_uwsgi
+from tests.helpers import REPO, seeded, stack_kind
 
 SERVICE_TOKEN = "hostile-requests-service-token"
 ANSWER_WITHIN = 1.0
@@ -83,13 +82,7 @@ BAD_LENGTHS = ["-1", "-0", "abc", "1e3", "0x10", "+5", "5 5", "١٢", "²", "1" 
 @pytest.fixture(scope="module", params=["embedded", "production"])
 def hostile(request, tmp_path_factory):
     """A stack of its own (these requests try to break it), in token mode, with an ingest token."""
-    if request.param == "production":
-        require_postgres()
-        require_rabbitmq()
-        require_uwsgi()
-        from tests.production import ProductionStack as kind
-    else:
-        kind = Stack
+    kind = stack_kind(request.param)
     root = tmp_path_factory.mktemp(f"hostile-{request.param}")
     with seeded(kind(root, auth={"mode": "token", "service_token": SERVICE_TOKEN})) as running:
         running.token = running.cli("token", "create", "--user", "10").stdout.strip()

@@ -17,8 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.helpers import Stack, fixture_bundle, new_project, payload_bundle, seeded, wait_for
-from tests.servers import require_postgres, require_rabbitmq, require_uwsgi
+from tests.helpers import fixture_bundle, new_project, payload_bundle, seeded, stack_kind, wait_for
 
 RETRY_DELAY = 1.0
 DISABLE_AFTER = 3
@@ -81,13 +80,7 @@ class Receiver:
 @pytest.fixture(scope="module", params=["embedded", "production"])
 def events_stack(request, tmp_path_factory):
     """The suite with quick retries, in each of its two worlds (as the shared ``stack`` fixture)."""
-    if request.param == "production":
-        require_postgres()
-        require_rabbitmq()
-        require_uwsgi()
-        from tests.production import ProductionStack as kind
-    else:
-        kind = Stack
+    kind = stack_kind(request.param)
     root = tmp_path_factory.mktemp(f"events-{request.param}")
     stack = kind(root, events={"retry_delay": str(RETRY_DELAY), "disable_after": str(DISABLE_AFTER),
                                "retry_max_delay": "5", "timeout": "5"})
