@@ -230,6 +230,9 @@ def build_app(settings: Settings, check_schema: bool = True) -> cherrypy.Applica
     # A bucket that is not there (or cannot be reached) stops the start with one clear line.
     storage.prepare(create=settings.getbool("archive", "create_bucket", False))
     archive = Archive(storage, settings.getlist("archive", "patch_roots"))
+    # Under `labvault serve` the backend's thread pools end with the server, or CherryPy would
+    # wait for them forever before the process exits.
+    cherrypy.engine.subscribe("stop", storage.shutdown)
     return make_application(ArchiveRoot(archive, settings.getint("archive", "sync_batch")), db=db,
                             service_token=settings.service_token)
 

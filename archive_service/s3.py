@@ -116,6 +116,12 @@ class S3Storage(Storage):
     def key_for(self, file_id: int) -> str:
         return f"{self.prefix}{check_id(file_id)}"
 
+    def shutdown(self) -> None:
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
     def executor(self) -> concurrent.futures.ThreadPoolExecutor:
         """The part uploaders every upload of this storage shares. Long-lived threads keep the
         allocator's per-thread arenas few; each upload still bounds its own parts in flight."""

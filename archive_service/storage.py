@@ -144,6 +144,11 @@ class Storage(abc.ABC):
         """Discard unfinished writes older than this (a crashed writer's leftovers); returns how many."""
         return 0
 
+    def shutdown(self) -> None:
+        """End the backend's worker threads (the server is stopping; none is in use any more).
+        CherryPy waits for every thread before its process exits, so an idle pool would hold
+        the stop up. A later write starts a new pool."""
+
 
 def check_id(file_id: int) -> int:
     """Backends only ever see non-negative ints, so an id can never name a path outside the root."""
@@ -304,6 +309,12 @@ class PosixStorage(Storage):
                     os.unlink(path)
             raise
         return outcomes
+
+    def shutdown(self) -> None:
+        with self._sync_pool_lock:
+            pool, self._sync_pool = self._sync_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def _in_parallel(self, action, items: list) -> None:
         if len(items) < 2:

@@ -161,3 +161,17 @@ def test_a_client_that_dies_mid_batch_leaves_only_whole_files(base_url, storage)
              message="nothing but the two whole members")
     assert requests.get(f"{base_url}/2", timeout=30).content == MEMBERS[2]
     assert requests.get(f"{base_url}/3", timeout=30).status_code == 404
+
+
+def test_the_backends_threads_end_with_the_server_and_come_back_for_the_next_write(settings, base_url, storage):
+    """CherryPy waits for every thread before its process exits: an idle pool would hold a stop up."""
+    import threading
+    def pool_threads():
+        return {t for t in threading.enumerate() if t.name.startswith(("archive-sync", "s3-part"))}
+    others = pool_threads()  # earlier tests' servers, never stopped
+    client = ArchiveClient(settings, base_url=base_url)
+    client.put_batch(lambda: body_of(MEMBERS))  # POSIX: the group's fsyncs run in a pool
+    storage.shutdown()  # what the server's stop does (cherrypy.engine "stop")
+    assert pool_threads() - others == set()
+    again = {n + 100: data for n, data in MEMBERS.items()}
+    assert len(client.put_batch(lambda: body_of(again))) == len(again)
