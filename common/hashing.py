@@ -58,7 +58,8 @@ class HashingReader:
     """File-like wrapper that counts (and, given a hash type, hashes) every byte read through it.
 
     Given a ``length`` it reports ``len()`` so ``requests`` sends a Content-Length
-    and streams the body instead of loading it.
+    and streams the body instead of loading it, and it never reads past that many bytes
+    (a slice of a larger file reads as a body of its own).
     """
 
     def __init__(self, raw: BinaryIO, hashtype: str | None = None, length: int | None = None,
@@ -70,7 +71,12 @@ class HashingReader:
         self._on_read = on_read
 
     def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size if size and size > 0 else CHUNK_SIZE)
+        size = size if size and size > 0 else CHUNK_SIZE
+        if self.length is not None:
+            size = min(size, self.length - self.bytes_read)
+            if size <= 0:
+                return b""
+        data = self._raw.read(size)
         if data:
             if self.hasher is not None:
                 self.hasher.update(data)

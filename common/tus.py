@@ -26,6 +26,7 @@ from urllib.parse import urljoin
 import requests
 
 from common.errors import LabvaultError, RemoteError, ServiceUnavailable
+from common.hashing import HashingReader
 
 logger = logging.getLogger(__name__)
 
@@ -40,26 +41,6 @@ def default_state_dir() -> Path:
     """Where upload URLs are remembered: ``$XDG_CACHE_HOME/labvault/uploads`` (``~/.cache`` by default)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "labvault" / "uploads"
-
-
-class _Slice:
-    """``length`` bytes of an open file from its current position, as a request body of known
-    length (requests sends it with Content-Length, reading it in blocks)."""
-
-    def __init__(self, handle, length: int, on_read: Callable[[int], None]):
-        self.handle, self.left, self.on_read = handle, length, on_read
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def read(self, size: int = -1) -> bytes:
-        size = self.left if size is None or size < 0 else min(size, self.left)
-        data = self.handle.read(size)
-        self.left -= len(data)
-        if data:
-            self.on_read(len(data))
-        return data
 
 
 class ResumableUpload:
@@ -187,7 +168,7 @@ class ResumableUpload:
     def _patch(self, handle, offset: int) -> tuple[int, int | None]:
         length = min(self.chunk_size, self.size - offset)
         handle.seek(offset)
-        response = self._send("PATCH", self.url, data=_Slice(handle, length, self.on_sent), headers={
+        response = self._send("PATCH", self.url, data=HashingReader(handle, length=length, on_read=self.on_sent), headers={
             "Content-Type": "application/offset+octet-stream", "Upload-Offset": str(offset)})
         job = response.headers.get(JOB_HEADER)
         return int(response.headers["Upload-Offset"]), (int(job) if job else None)

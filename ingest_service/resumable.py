@@ -38,7 +38,7 @@ from common.settings import Settings
 from ingest_service import jobs
 from ingest_service.models import ResumableUpload
 from ingest_service.services import IngestService
-from ingest_service.staging import CHUNK, Staging, UploadInterrupted, _disk_errors, _write_all
+from ingest_service.staging import CHUNK, Staging, UploadInterrupted, disk_errors, write_all
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class Uploads:
                                      offset=0, metadata=(metadata_header or "").strip(), created=now,
                                      expires=now + self.expiry)
         try:
-            with _disk_errors():
+            with disk_errors():
                 self.staging.uploads_dir.mkdir(parents=True, exist_ok=True)
                 os.close(os.open(self.staging.upload_part(row.upload_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except BaseException:
@@ -228,7 +228,7 @@ class Uploads:
             if held < row.length:
                 written, interrupted = self._receive(fd, held, row.length - held, chunk)
             if written:
-                with _disk_errors():
+                with disk_errors():
                     os.fsync(fd)
                 now = utcnow()
                 (ResumableUpload.update(offset=held + written, expires=now + self.expiry)
@@ -268,7 +268,7 @@ class Uploads:
             else:
                 raise NotFound("no such upload", code="upload_not_found") from None
         except OSError:
-            with _disk_errors():
+            with disk_errors():
                 raise
         try:
             if fd is not None:
@@ -288,7 +288,7 @@ class Uploads:
         PATCH that died before storing its offset) are cut off."""
         if fd is None:
             return int(row.offset)
-        with _disk_errors():
+        with disk_errors():
             size = os.fstat(fd).st_size
             if size > row.offset:
                 os.ftruncate(fd, row.offset)
@@ -304,7 +304,7 @@ class Uploads:
         want = room if chunk.length is None else chunk.length
         hasher = hashlib.new(chunk.checksum[0]) if chunk.checksum else None
         written, interrupted = 0, False
-        with _disk_errors():
+        with disk_errors():
             os.lseek(fd, start, os.SEEK_SET)
         while written < want or chunk.length is None:
             try:
@@ -320,11 +320,11 @@ class Uploads:
                 raise PayloadTooLarge(f"the chunk goes past Upload-Length ({start + want} bytes)")
             if hasher is not None:
                 hasher.update(data)
-            with _disk_errors():
-                _write_all(fd, data)
+            with disk_errors():
+                write_all(fd, data)
             written += len(data)
         if hasher is not None and (interrupted or hasher.digest() != chunk.checksum[1]):
-            with _disk_errors():
+            with disk_errors():
                 os.ftruncate(fd, start)
             if interrupted:
                 return 0, True

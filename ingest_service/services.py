@@ -20,9 +20,10 @@ from common.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
 )
+from common.hashing import hash_file
 from common.settings import Settings
 from ingest_service import idempotency, jobs, notices
-from ingest_service.staging import CHUNK, Staging, read_body
+from ingest_service.staging import Staging, read_body
 
 logger = logging.getLogger(__name__)
 
@@ -124,17 +125,13 @@ class IngestService:
         return binding
 
     def _staged_digest(self, job_id: int) -> str:
-        digest = hashlib.sha256()
         try:
-            with open(self.staging.bundle_path(job_id), "rb") as handle:
-                for chunk in iter(lambda: handle.read(CHUNK), b""):
-                    digest.update(chunk)
+            return hash_file(self.staging.bundle_path(job_id), "sha256")
         except OSError as exc:
             logger.error("job %s: cannot read the staged bundle to hash it: %s", job_id, exc)
             error = LabvaultError("the staged bundle could not be read; send it again", code="staging_unavailable")
             self._fail_upload(job_id, error)
             raise error from None
-        return digest.hexdigest()
 
     def state(self, job_id: int, identity: Identity = OPEN) -> dict:
         """The job's state; a job ``identity`` may not see does not exist for it (404)."""

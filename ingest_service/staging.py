@@ -67,7 +67,7 @@ class Staging:
         final = self.root / f"{int(job_id)}{suffix}"
         part = self.part_path(final)
         total = 0
-        with _disk_errors():
+        with disk_errors():
             self.root.mkdir(parents=True, exist_ok=True)
             # Unbuffered: a buffered file would retry its failed write when closed and
             # raise again, over the error already on its way.
@@ -77,14 +77,14 @@ class Staging:
                 def write(chunk: bytes) -> None:
                     if digest is not None:
                         digest.update(chunk)
-                    with _disk_errors():
-                        _write_all(fd, chunk)
+                    with disk_errors():
+                        write_all(fd, chunk)
                 total = read_body(read, limit, expected, write)
-                with _disk_errors():
+                with disk_errors():
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            with _disk_errors():
+            with disk_errors():
                 os.replace(part, final)
         except BaseException:
             part.unlink(missing_ok=True)
@@ -105,7 +105,7 @@ class Staging:
         """Make the whole bytes at ``part`` (a finished resumable upload, on this volume) the staged
         bundle of ``job_id``: one rename, so the bundle is whole or absent; returns its size."""
         final = self.bundle_path(job_id)
-        with _disk_errors():
+        with disk_errors():
             size = part.stat().st_size
             os.replace(part, final)
         return size
@@ -191,14 +191,14 @@ def read_body(read: Callable[[int], bytes], limit: int, expected: int | None,
     return total
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
 
 
 @contextlib.contextmanager
-def _disk_errors() -> Iterator[None]:
+def disk_errors() -> Iterator[None]:
     """Turn an ``OSError`` of the staging volume into a client-safe error (no path in it)."""
     try:
         yield

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, Callable
 from common.clients import ArchiveClient, MetadataClient, make_session
 from common.db import close_quietly, utcnow
 from common.errors import Conflict, LabvaultError, NotFound, UnprocessableEntity
-from common.hashing import CHUNK_SIZE, new_hasher
+from common.hashing import CHUNK_SIZE, hash_file, new_hasher
 from common.heartbeat import Heartbeat
 from common.settings import Settings
 from stats_service import models
@@ -310,14 +310,11 @@ class Engine:
     # -- outputs and inputs in the archive --------------------------------------------
 
     def _store(self, run: Run, name: str, path: Path, content_type: str) -> RunOutput:
-        digest = new_hasher("sha256")
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(CHUNK_SIZE), b""):
-                digest.update(chunk)
+        digest = hash_file(path, "sha256")
         archive_id = DERIVED_ID_BASE + self.metadata.getid(DERIVED_ID_MODE, 1)
-        self.archive.put(archive_id, lambda: open(path, "rb"), "sha256", digest.hexdigest())
+        self.archive.put(archive_id, lambda: open(path, "rb"), "sha256", digest)
         return RunOutput.create(run=run.run_id, name=name, archive_id=archive_id, size=path.stat().st_size,
-                                sha256=digest.hexdigest(), content_type=content_type)
+                                sha256=digest, content_type=content_type)
 
     def download(self, file_id: int, target: Path, hashtype: str, hashsum: str) -> None:
         """Stream an archived file to ``target``, checking it against ``hashtype:hashsum``."""

@@ -69,7 +69,7 @@ def test_a_failing_volume_has_its_code_and_keeps_no_part(staging, monkeypatch, n
             raise OSError(number, "volume trouble", str(staging.root / "4.tar.part"))
         written.append(len(data))
         staging_module.os.write(fd, data)
-    monkeypatch.setattr(staging_module, "_write_all", write_some)
+    monkeypatch.setattr(staging_module, "write_all", write_some)
     with pytest.raises(error) as caught:
         staging.receive(4, io.BytesIO(b"y" * (3 * staging_module.CHUNK)).read, 10 ** 9)
     assert caught.value.code == code
